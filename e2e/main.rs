@@ -1,0 +1,272 @@
+//! End-to-end tests against a real cluster (KUBECONFIG or in-cluster). `cargo test` lists
+//! them as ignored with the reason; `just e2e` runs them (`KASMINA_E2E=1`, `--ignored`).
+//!
+//! They install the CRDs, start `kasmina controller` out of cluster, apply the examples and
+//! wait for the status and conditions the controllers promise. `just kind-up` creates a
+//! cluster where Docker runs; `just e2e` runs this suite.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kasmina::api::{self, ComplianceProfile, EdgeDeployment, ScalingPolicy};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+const MANAGER: &str = "kasmina-e2e";
+
+const NEEDS_CLUSTER: &str =
+    "needs a cluster: run `just e2e` with KUBECONFIG set (`just kind-up` makes one)";
+
+async fn cluster() -> Client {
+    assert_eq!(
+        std::env::var("KASMINA_E2E").as_deref(),
+        Ok("1"),
+        "{NEEDS_CLUSTER}"
+    );
+    match Client::try_default().await {
+        Ok(client) => match client.apiserver_version().await {
+            Ok(_) => client,
+            Err(e) => panic!("KASMINA_E2E=1 but the cluster is unreachable: {e}"),
+        },
+        Err(e) => panic!("KASMINA_E2E=1 but no cluster is configured: {e}"),
+    }
+}
+
+/// The controller as a child process, killed when dropped.
+struct Controller(Child);
+
+impl Controller {
+    fn start() -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_kasmina"))
+            .args([
+                "controller",
+                "--leader-elect=false",
+                "--metrics-addr=127.0.0.1:0",
+            ])
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting kasmina controller");
+        Self(child)
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in api::crds() {
+        let name = crd.name_any();
+        crds.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("CRD {name} not established in 30s"))
+        .unwrap();
+    }
+}
+
+/// Applies every document of an example file that is of kind `K` through `api`.
+async fn apply_example<K>(api: Api<K>, file: &str) -> Vec<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let mut applied = vec![];
+    for doc in docs
+        .into_iter()
+        .filter(|d| d["kind"] == K::kind(&()).as_ref())
+    {
+        let object: K = serde_json::from_value(doc).unwrap();
+        let name = object.meta().name.clone().unwrap();
+        applied.push(
+            api.patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    applied
+}
+
+async fn ensure_namespace(client: &Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
+    )
+    .unwrap();
+    api.patch(name, &PatchParams::apply(MANAGER), &Patch::Apply(&ns))
+        .await
+        .unwrap();
+}
+
+/// Waits up to 60 s for `check` to hold on the named object.
+async fn eventually<K>(api: Api<K>, name: &str, what: &str, check: impl Fn(&K) -> bool)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let condition = move |obj: Option<&K>| obj.is_some_and(&check);
+    if tokio::time::timeout(
+        Duration::from_secs(60),
+        await_condition(api, name, condition),
+    )
+    .await
+    .is_err()
+    {
+        panic!("{name}: {what} did not happen within 60s");
+    }
+}
+
+fn has_condition(conditions: &[api::Condition], type_: &str, status: &str, reason: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && format!("{:?}", c.status) == status && c.reason == reason)
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: `just e2e` with KUBECONFIG set"]
+async fn examples_reach_their_first_status() {
+    let client = cluster().await;
+    install_crds(&client).await;
+    ensure_namespace(&client, "ml").await;
+    let _controller = Controller::start();
+
+    apply_example(
+        Api::<ComplianceProfile>::all(client.clone()),
+        "compliance-profile.yaml",
+    )
+    .await;
+    apply_example(
+        Api::<ScalingPolicy>::namespaced(client.clone(), "ml"),
+        "scaling-policy.yaml",
+    )
+    .await;
+    eventually(
+        Api::<ScalingPolicy>::namespaced(client.clone(), "ml"),
+        "sentiment",
+        "TargetNotFound",
+        |sp| {
+            sp.status.as_ref().is_some_and(|s| {
+                has_condition(&s.conditions, "AbleToScale", "False", "TargetNotFound")
+            })
+        },
+    )
+    .await;
+
+    let eds = apply_example(
+        Api::<EdgeDeployment>::namespaced(client.clone(), "ml"),
+        "edge-deployment.yaml",
+    )
+    .await;
+    let generation = eds[0].metadata.generation;
+    let ed_api = Api::<EdgeDeployment>::namespaced(client.clone(), "ml");
+    eventually(
+        ed_api.clone(),
+        "sentiment",
+        "observedGeneration and a revision",
+        |ed| {
+            ed.status.as_ref().is_some_and(|s| {
+                s.observed_generation == generation
+                    && s.target_revision.is_some()
+                    && has_condition(&s.conditions, "Ready", "False", "AwaitingArtifact")
+            })
+        },
+    )
+    .await;
+    eventually(
+        Api::<ScalingPolicy>::namespaced(client.clone(), "ml"),
+        "sentiment",
+        "the target found",
+        |sp| {
+            sp.status
+                .as_ref()
+                .is_some_and(|s| has_condition(&s.conditions, "AbleToScale", "True", "TargetFound"))
+        },
+    )
+    .await;
+    eventually(
+        Api::<ComplianceProfile>::all(client.clone()),
+        "personal-data",
+        "one match",
+        |cp| cp.status.as_ref().is_some_and(|s| s.matched == Some(1)),
+    )
+    .await;
+
+    // The scale subresource works against the EdgeDeployment.
+    let scale = ed_api.get_scale("sentiment").await.unwrap();
+    assert_eq!(scale.spec.and_then(|s| s.replicas), Some(3));
+
+    for (kind, result) in [
+        (
+            "EdgeDeployment",
+            ed_api
+                .delete("sentiment", &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "ScalingPolicy",
+            Api::<ScalingPolicy>::namespaced(client.clone(), "ml")
+                .delete("sentiment", &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "ComplianceProfile",
+            Api::<ComplianceProfile>::all(client.clone())
+                .delete("personal-data", &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        ),
+    ] {
+        result.unwrap_or_else(|e| panic!("cleaning up {kind}: {e}"));
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: `just e2e` with KUBECONFIG set"]
+async fn schema_rejects_an_invalid_object_naming_the_field() {
+    let client = cluster().await;
+    install_crds(&client).await;
+    ensure_namespace(&client, "ml").await;
+    let api: Api<EdgeDeployment> = Api::namespaced(client, "ml");
+    let bad = serde_json::json!({
+        "apiVersion": "kasmina.dev/v1alpha1", "kind": "EdgeDeployment",
+        "metadata": {"name": "bad-weight"},
+        "spec": {"model": {"name": "m", "version": "1", "source": {"uri": "s3://m/"}, "architecture": "bert"},
+                 "strategy": {"type": "Canary", "canary": {"steps": [{"setWeight": 150}]}}},
+    });
+    let error = api
+        .patch(
+            "bad-weight",
+            &PatchParams::apply(MANAGER),
+            &Patch::Apply(&bad),
+        )
+        .await
+        .expect_err("the apiserver must reject setWeight 150");
+    assert!(error.to_string().contains("setWeight"), "{error}");
+}

@@ -1,0 +1,769 @@
+//! `EdgeDeployment`: a model, how to optimise it for the target devices, where it runs and how
+//! new versions roll out.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::condition::{Condition, conditions_schema};
+use super::duration::Duration;
+use super::validation::FieldErrors;
+
+/// An ML model served on edge or cluster nodes by the Kasmina runtime, built into an artifact
+/// sized for the target devices and rolled out blue-green, canary or rolling.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "kasmina.dev",
+    version = "v1alpha1",
+    kind = "EdgeDeployment",
+    namespaced,
+    status = "EdgeDeploymentStatus",
+    shortname = "ed",
+    category = "kasmina",
+    derive = "PartialEq",
+    doc = "An ML model served on edge or cluster nodes by the Kasmina runtime, optimised for the target devices and rolled out with analysis and automatic rollback.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.name"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".spec.model.version"),
+    printcolumn(name = "Strategy", type_ = "string", json_path = ".spec.strategy.type"),
+    printcolumn(
+        name = "Weight",
+        type_ = "integer",
+        json_path = ".status.canaryWeight",
+        description = "Percent of traffic on the new revision"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeDeploymentSpec {
+    /// The model to serve: its identity, where its weights live and its architecture.
+    pub model: ModelSpec,
+
+    /// How the model is optimised into an artifact for the target devices.
+    #[serde(default)]
+    pub optimization: OptimizationSpec,
+
+    /// Desired number of runtime replicas. A ScalingPolicy targeting this EdgeDeployment sets
+    /// it through the scale subresource.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// Scheduling and resources of the runtime pods.
+    #[serde(default)]
+    pub template: RuntimeTemplate,
+
+    /// How a new revision replaces the current one.
+    #[serde(default)]
+    pub strategy: StrategySpec,
+
+    /// Stop rollout progress where it is; traffic stays as it is until resumed.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// Which model to serve.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// The model's name, served as the Open Inference Protocol model name.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// The model's version; changing it starts a new revision.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    )]
+    pub version: String,
+
+    /// Where the model's weights are.
+    pub source: ModelSource,
+
+    /// The network architecture of the model.
+    pub architecture: Architecture,
+}
+
+/// The location of a model's weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// URI of a Hugging Face layout folder (`config.json` + safetensors) or a single
+    /// `.safetensors` file: `s3://`, `gs://`, `az://`, `https://` or `file://` (a PVC or hostPath
+    /// mounted into the build Job).
+    #[schemars(
+        length(min = 1, max = 2048),
+        regex(pattern = r"^(s3|gs|az|https|file)://.+$")
+    )]
+    pub uri: String,
+
+    /// A Secret in the same namespace holding the credentials for the source (keys as the
+    /// object store expects, e.g. `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// A reference to a Secret in the same namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Model architectures the builder and runtime know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// BERT-family sentence encoders (all-MiniLM and kin): text in, embeddings out.
+    Bert,
+    /// Multi-layer perceptrons for tabular data: FP32 tensors in and out.
+    Mlp,
+}
+
+/// How the model is optimised for the target device.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OptimizationSpec {
+    /// The device to plan for. When omitted the controller plans automatically for the smallest
+    /// allocatable memory among the nodes the template selects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<DeviceProfile>,
+
+    /// Weight quantization; `auto` lets the planner choose per tensor to fit the profile.
+    #[serde(default)]
+    pub quantization: Quantization,
+
+    /// Optional weight pruning before quantization.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruning: Option<PruningSpec>,
+
+    /// The build fails when the measured quality loss (1 − cosine similarity against the
+    /// original model) exceeds this.
+    #[serde(default = "default_max_quality_loss")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_quality_loss: f64,
+}
+
+fn default_max_quality_loss() -> f64 {
+    0.02
+}
+
+/// The resources of the target device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceProfile {
+    /// Memory available to the runtime, in MiB.
+    #[serde(rename = "memoryMiB")]
+    #[schemars(range(min = 16, max = 1048576))]
+    pub memory_mib: u32,
+
+    /// CPU cores available to the runtime.
+    #[serde(default = "default_cpu_cores")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub cpu_cores: u32,
+
+    /// Accelerator on the device.
+    #[serde(default)]
+    pub accelerator: Accelerator,
+}
+
+fn default_cpu_cores() -> u32 {
+    1
+}
+
+/// Accelerators a device may have.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    #[default]
+    None,
+    Cuda,
+    Metal,
+}
+
+/// Weight quantization schemes (GGUF block formats).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum Quantization {
+    /// Per-tensor choice by the planner to fit the device profile with the least loss.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    #[serde(rename = "q4_k")]
+    Q4K,
+    #[serde(rename = "f16")]
+    F16,
+    /// Keep the source precision.
+    #[serde(rename = "none")]
+    None,
+}
+
+/// Weight pruning.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PruningSpec {
+    /// `magnitude` zeroes the smallest weights of each tensor; `semi-structured-2:4` zeroes two
+    /// of every four consecutive weights (sparsity 0.5).
+    pub method: PruningMethod,
+
+    /// Fraction of weights set to zero. Required for `magnitude`; `semi-structured-2:4` is
+    /// always 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 0.95))]
+    pub sparsity: Option<f64>,
+}
+
+/// Pruning methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PruningMethod {
+    #[serde(rename = "magnitude")]
+    Magnitude,
+    #[serde(rename = "semi-structured-2:4")]
+    SemiStructured24,
+}
+
+/// Scheduling and resources of the runtime pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeTemplate {
+    /// Nodes the runtime may run on; also the nodes `profile: auto` plans for.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Tolerations of the runtime pods (e.g. for tainted edge nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Affinity of the runtime pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// Compute resources of the runtime container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Priority class of the runtime pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+/// How a new revision replaces the current one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StrategySpec {
+    /// `Rolling` replaces the old revision once the new one is ready; `BlueGreen` switches all
+    /// traffic at once after an optional preview; `Canary` moves traffic step by step.
+    #[serde(rename = "type", default)]
+    pub type_: StrategyType,
+
+    /// Settings for `type: Canary`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStrategy>,
+
+    /// Settings for `type: BlueGreen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blue_green: Option<BlueGreenStrategy>,
+
+    /// Metric checks run during `analysis` steps and blue-green pre-promotion analysis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisSpec>,
+}
+
+/// Rollout strategies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum StrategyType {
+    #[default]
+    Rolling,
+    BlueGreen,
+    Canary,
+}
+
+/// A canary rollout: traffic moves to the new revision in steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStrategy {
+    /// How traffic is split between revisions. Default: by replica ratio.
+    #[serde(default)]
+    pub traffic_routing: TrafficRouting,
+
+    /// The steps, run in order; after the last one the new revision takes all traffic.
+    #[schemars(length(min = 1, max = 64))]
+    pub steps: Vec<CanaryStep>,
+}
+
+/// How traffic is split between the stable and canary revisions. Set exactly one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.replicaRatio) != has(self.gatewayAPI)",
+    "message": "set exactly one of replicaRatio or gatewayAPI"
+}]))]
+pub struct TrafficRouting {
+    /// Split by the number of replicas of each revision behind one Service; needs no mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_ratio: Option<ReplicaRatio>,
+
+    /// Split by backend weights on a Gateway API HTTPRoute.
+    #[serde(
+        rename = "gatewayAPI",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub gateway_api: Option<GatewayApiRouting>,
+}
+
+impl Default for TrafficRouting {
+    fn default() -> Self {
+        Self {
+            replica_ratio: Some(ReplicaRatio {}),
+            gateway_api: None,
+        }
+    }
+}
+
+/// Traffic split by replica counts. No settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplicaRatio {}
+
+/// Traffic split by a Gateway API HTTPRoute's backend weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayApiRouting {
+    /// Name of the HTTPRoute in the same namespace whose backendRefs Kasmina sets.
+    #[schemars(length(min = 1, max = 253))]
+    pub http_route: String,
+}
+
+/// One step of a canary rollout. Set exactly one of its fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CanaryStep {
+    /// Send this percent of traffic to the new revision.
+    SetWeight(#[schemars(range(min = 0, max = 100))] i32),
+    /// Wait: for `duration`, or until promoted when no duration is given.
+    Pause(PauseStep),
+    /// Run the analysis checks; the step passes when they pass.
+    Analysis(AnalysisStep),
+}
+
+/// A pause in a canary rollout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PauseStep {
+    /// How long to wait. Omit it to wait until promoted (annotation `kasmina.dev/promote` or
+    /// `kubectl kasmina promote`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<Duration>,
+}
+
+/// An analysis step of a canary rollout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AnalysisStep {
+    /// Number of analysis intervals that must pass before the step completes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub iterations: Option<u32>,
+}
+
+/// A blue-green rollout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlueGreenStrategy {
+    /// Switch traffic to the new revision as soon as it is ready (and its pre-promotion
+    /// analysis passed); otherwise wait to be promoted.
+    #[serde(default = "default_true")]
+    pub auto_promote: bool,
+
+    /// Seconds the old revision keeps running after the switch, for an instant rollback.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub scale_down_delay_seconds: u32,
+
+    /// Run the analysis checks against the preview Service before switching.
+    #[serde(default)]
+    pub pre_promotion_analysis: bool,
+}
+
+impl Default for BlueGreenStrategy {
+    fn default() -> Self {
+        Self {
+            auto_promote: true,
+            scale_down_delay_seconds: default_scale_down_delay(),
+            pre_promotion_analysis: false,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_scale_down_delay() -> u32 {
+    30
+}
+
+/// Metric analysis of a new revision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisSpec {
+    /// How often the runtime metrics are measured.
+    #[serde(default = "default_analysis_interval")]
+    pub interval: Duration,
+
+    /// Failed measurements tolerated before the rollout is aborted and rolled back.
+    #[serde(default = "default_failure_limit")]
+    #[schemars(range(min = 0, max = 100))]
+    pub failure_limit: u32,
+
+    /// The checks; a measurement fails when any check fails.
+    #[schemars(length(min = 1, max = 32))]
+    pub checks: Vec<MetricCheck>,
+}
+
+fn default_analysis_interval() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_failure_limit() -> u32 {
+    2
+}
+
+/// A limit on one runtime metric of the new revision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.max) || has(self.maxRelativeToStable)",
+    "message": "set max, maxRelativeToStable or both"
+}]))]
+pub struct MetricCheck {
+    /// The metric, measured over the analysis interval.
+    pub metric: AnalysisMetric,
+
+    /// Fails when the metric exceeds this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub max: Option<f64>,
+
+    /// Fails when the metric exceeds this multiple of the stable revision's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub max_relative_to_stable: Option<f64>,
+}
+
+/// Metrics the runtime reports that analysis can check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AnalysisMetric {
+    /// Fraction of requests answered with a 5xx status.
+    ErrorRate,
+    /// Median request latency in milliseconds.
+    LatencyP50Ms,
+    /// 95th percentile request latency in milliseconds.
+    LatencyP95Ms,
+    /// 99th percentile request latency in milliseconds.
+    LatencyP99Ms,
+    /// (in-flight + queued) / capacity, averaged over the revision's pods.
+    CognitiveLoad,
+}
+
+/// The observed state of an EdgeDeployment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeDeploymentStatus {
+    /// The `.metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// A one-word summary of the rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// The revision the spec asks for: a hash of model, optimization and template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_revision: Option<String>,
+
+    /// The revision serving (most) traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<String>,
+
+    /// The revision being rolled out, while a rollout runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_revision: Option<String>,
+
+    /// Percent of traffic on the canary revision, as the router achieves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_weight: Option<i32>,
+
+    /// Index of the canary step being run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<i32>,
+
+    /// The artifact built for the target revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactStatus>,
+
+    /// Runtime replicas across all live revisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+
+    /// Runtime replicas that are ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+
+    /// Label selector of the runtime pods, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+
+    /// Ready, Progressing, ArtifactReady, AnalysisPassing (and Compliant, owned by the
+    /// ComplianceProfile controller).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+
+    /// The most recent rollouts, newest first (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub history: Vec<RolloutRecord>,
+}
+
+/// A one-word summary of an EdgeDeployment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    /// Accepted; waiting for the first build.
+    Pending,
+    /// The artifact of the target revision is being built.
+    Building,
+    /// A new revision is being rolled out.
+    Progressing,
+    /// The rollout is paused.
+    Paused,
+    /// All traffic is on the target revision and it is ready.
+    Healthy,
+    /// Serving, but with fewer ready replicas than desired.
+    Degraded,
+    /// The last rollout failed analysis; traffic is back on the stable revision.
+    RolledBack,
+    /// The spec cannot be acted on, or a build failed; see the conditions.
+    Failed,
+}
+
+/// Summary of the artifact built for a revision.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactStatus {
+    /// sha256 digest of the GGUF file, `sha256:<hex>`.
+    pub digest: String,
+    /// Where the artifact is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Size of the optimized artifact in bytes.
+    pub size_bytes: i64,
+    /// Size of the source weights in bytes.
+    pub original_size_bytes: i64,
+    /// The quantization scheme, or `mixed` when the planner chose per tensor.
+    pub quantization: String,
+    /// Fraction of weights that are zero after pruning.
+    #[serde(default)]
+    pub sparsity: f64,
+    /// Measured quality loss (1 − min cosine similarity against the source model).
+    pub quality_loss: f64,
+    /// Whether the manifest is signed.
+    #[serde(default)]
+    pub signed: bool,
+    /// Whether the artifact is encrypted at rest.
+    #[serde(default)]
+    pub encrypted: bool,
+}
+
+/// One past rollout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRecord {
+    /// The revision rolled out.
+    pub revision: String,
+    /// How it ended.
+    pub outcome: RolloutOutcome,
+    /// Why, in words.
+    #[serde(default)]
+    pub reason: String,
+    /// When it started.
+    pub started_at: Time,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+}
+
+/// How a rollout ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RolloutOutcome {
+    Promoted,
+    RolledBack,
+    Aborted,
+    Superseded,
+    Failed,
+}
+
+impl EdgeDeploymentSpec {
+    /// Semantic checks the schema cannot express.
+    pub fn validate(&self) -> Result<(), FieldErrors> {
+        let mut errors = FieldErrors::default();
+        self.validate_source(&mut errors);
+        self.validate_optimization(&mut errors);
+        self.validate_strategy(&mut errors);
+        errors.into_result()
+    }
+
+    fn validate_source(&self, errors: &mut FieldErrors) {
+        let uri = &self.model.source.uri;
+        if let Some(path) = uri.strip_prefix("file://")
+            && !path.starts_with('/')
+        {
+            errors.push(
+                "spec.model.source.uri",
+                format!(
+                    "{uri:?}: a file:// URI needs an absolute path, e.g. file:///models/minilm"
+                ),
+            );
+        }
+    }
+
+    fn validate_optimization(&self, errors: &mut FieldErrors) {
+        if let Some(pruning) = &self.optimization.pruning {
+            match (pruning.method, pruning.sparsity) {
+                (PruningMethod::Magnitude, None) => errors.push(
+                    "spec.optimization.pruning.sparsity",
+                    "required for method magnitude (e.g. 0.3)",
+                ),
+                (PruningMethod::SemiStructured24, Some(s)) if (s - 0.5).abs() > f64::EPSILON => {
+                    errors.push(
+                        "spec.optimization.pruning.sparsity",
+                        format!("semi-structured-2:4 always prunes 0.5 of the weights, not {s}"),
+                    )
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn validate_strategy(&self, errors: &mut FieldErrors) {
+        let strategy = &self.strategy;
+        if strategy.canary.is_some() && strategy.type_ != StrategyType::Canary {
+            errors.push(
+                "spec.strategy.canary",
+                format!("set, but spec.strategy.type is {:?}", strategy.type_),
+            );
+        }
+        if strategy.blue_green.is_some() && strategy.type_ != StrategyType::BlueGreen {
+            errors.push(
+                "spec.strategy.blueGreen",
+                format!("set, but spec.strategy.type is {:?}", strategy.type_),
+            );
+        }
+        let needs_analysis = match strategy.type_ {
+            StrategyType::Canary => match &strategy.canary {
+                None => {
+                    errors.push(
+                        "spec.strategy.canary",
+                        "required when spec.strategy.type is Canary",
+                    );
+                    false
+                }
+                Some(canary) => validate_canary(canary, errors),
+            },
+            StrategyType::BlueGreen => strategy
+                .blue_green
+                .as_ref()
+                .is_some_and(|bg| bg.pre_promotion_analysis),
+            StrategyType::Rolling => false,
+        };
+        if needs_analysis && strategy.analysis.is_none() {
+            errors.push(
+                "spec.strategy.analysis",
+                "required: the strategy runs an analysis, but no checks are defined",
+            );
+        }
+        if let Some(analysis) = &strategy.analysis {
+            for (i, check) in analysis.checks.iter().enumerate() {
+                if check.max.is_none() && check.max_relative_to_stable.is_none() {
+                    errors.push(
+                        format!("spec.strategy.analysis.checks[{i}]"),
+                        "set max, maxRelativeToStable or both",
+                    );
+                }
+            }
+            if analysis.interval.as_std() < std::time::Duration::from_secs(1) {
+                errors.push(
+                    "spec.strategy.analysis.interval",
+                    format!("{} is shorter than the 1s minimum", analysis.interval),
+                );
+            }
+        }
+    }
+}
+
+/// Checks the canary steps; returns whether any step runs an analysis.
+fn validate_canary(canary: &CanaryStrategy, errors: &mut FieldErrors) -> bool {
+    if canary.steps.is_empty() {
+        errors.push("spec.strategy.canary.steps", "needs at least one step");
+    }
+    let routing = &canary.traffic_routing;
+    if routing.replica_ratio.is_some() == routing.gateway_api.is_some() {
+        errors.push(
+            "spec.strategy.canary.trafficRouting",
+            "set exactly one of replicaRatio or gatewayAPI",
+        );
+    }
+    let mut previous: Option<(usize, i32)> = None;
+    let mut has_analysis = false;
+    for (i, step) in canary.steps.iter().enumerate() {
+        match step {
+            CanaryStep::SetWeight(w) => {
+                if !(0..=100).contains(w) {
+                    errors.push(
+                        format!("spec.strategy.canary.steps[{i}].setWeight"),
+                        format!("{w} is outside 0–100"),
+                    );
+                } else if let Some((j, prev)) = previous
+                    && *w < prev
+                {
+                    errors.push(
+                        format!("spec.strategy.canary.steps[{i}].setWeight"),
+                        format!("{w} is lower than {prev} at steps[{j}]; canary weights must rise"),
+                    );
+                }
+                previous = Some((i, *w));
+            }
+            CanaryStep::Analysis(_) => has_analysis = true,
+            CanaryStep::Pause(_) => {}
+        }
+    }
+    has_analysis
+}

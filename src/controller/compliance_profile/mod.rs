@@ -1,0 +1,69 @@
+//! The ComplianceProfile controller: which EdgeDeployments each profile governs and whether
+//! they comply.
+
+pub mod reconcile;
+pub mod rules;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector;
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+
+use super::context::Context;
+use crate::api::{ComplianceProfile, EdgeDeployment};
+use reconcile::ComplianceContext;
+
+/// Runs the controller until `shutdown` resolves, letting running reconciles finish.
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let (deployments, deployments_writer) = reflector::store();
+    let (namespaces, namespaces_writer) = reflector::store();
+    let deployment_changes = watcher(
+        Api::<EdgeDeployment>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(deployments_writer)
+    .touched_objects()
+    .map(|r| r.map(|_| ()));
+    let namespace_changes = watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(namespaces_writer)
+    .touched_objects()
+    .map(|r| r.map(|_| ()));
+    // Any EdgeDeployment or namespace change can change what any profile selects; the
+    // controller polls these streams, which also keeps the caches current.
+    let any_change =
+        futures::stream::select(deployment_changes, namespace_changes).filter_map(|r| async move {
+            r.inspect_err(|error| tracing::warn!(%error, "watching EdgeDeployments or Namespaces"))
+                .ok()
+        });
+
+    let cc = Arc::new(ComplianceContext {
+        ctx,
+        deployments,
+        namespaces,
+    });
+    Controller::new(
+        Api::<ComplianceProfile>::all(client),
+        watcher::Config::default().any_semantic(),
+    )
+    .with_config(controller::Config::default().debounce(Duration::from_secs(1)))
+    .reconcile_all_on(any_change)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile::reconcile, reconcile::error_policy, cc)
+    .for_each(|result| async move {
+        if let Err(error) = result {
+            tracing::debug!(%error, "ComplianceProfile controller event");
+        }
+    })
+    .await;
+}

@@ -1,0 +1,261 @@
+//! `kasmina controller`: the operator. Connects to the cluster, checks the CRDs, serves
+//! metrics and health, wins the leader election, then runs the three controllers until
+//! SIGTERM (finishing running reconciles and releasing the lease).
+
+pub mod compliance_profile;
+pub mod context;
+pub mod edge_deployment;
+pub mod leader;
+pub mod scaling_policy;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kube::Client;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{GROUP, VERSION};
+use crate::telemetry::{self, Health};
+use context::{Context, Metrics, SystemClock};
+use leader::{Held, LeaderElector, LeaseTiming};
+
+/// Settings of `kasmina controller`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "KASMINA_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
+    /// Elect a leader among replicas through a Lease; only the leader reconciles.
+    /// Turn off only when exactly one replica runs (e.g. `just run` on a laptop).
+    #[arg(long, env = "KASMINA_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+
+    /// Name of the Lease used for leader election.
+    #[arg(long, env = "KASMINA_LEASE_NAME", default_value = "kasmina-controller")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease; defaults to the pod's namespace or the kubeconfig's.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// This replica's identity in the election; defaults to the pod name or host name.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// How long a lease is valid without renewal; bounds how long a dead leader blocks others.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: std::time::Duration,
+
+    /// The leader steps down when it could not renew for this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub renew_deadline: std::time::Duration,
+
+    /// How often the leader renews and standbys look at the lease.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub retry_period: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<crate::api::Duration>()
+        .map(|d| d.as_std())
+        .map_err(|e| e.to_string())
+}
+
+/// Errors that stop the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to the cluster (in-cluster config or KUBECONFIG): {0}")]
+    Connect(#[source] kube::Error),
+    #[error(
+        "the {GROUP}/{VERSION} CRDs are not installed in this cluster (missing: {missing}). \
+         Install them with `kubectl apply -f crds/` (or `kasmina crdgen | kubectl apply -f -`), \
+         or install the Helm chart charts/kasmina, then start the controller again"
+    )]
+    CrdsMissing { missing: String },
+    #[error("checking for the {GROUP}/{VERSION} CRDs: {0}")]
+    Discovery(#[source] kube::Error),
+    #[error("invalid leader election timing: {0}")]
+    Timing(String),
+    #[error("serving metrics and health on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("lost leadership ({0}); exiting so this replica restarts as a standby")]
+    LeadershipLost(String),
+}
+
+/// Every API permission the operator's code uses: (API group, resource, verbs). The Helm
+/// chart's RBAC grants exactly these, which `tests/chart.rs` checks.
+pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
+    ("kasmina.dev", "edgedeployments", &["get", "list", "watch"]),
+    ("kasmina.dev", "scalingpolicies", &["get", "list", "watch"]),
+    (
+        "kasmina.dev",
+        "complianceprofiles",
+        &["get", "list", "watch"],
+    ),
+    ("kasmina.dev", "edgedeployments/status", &["patch"]),
+    ("kasmina.dev", "scalingpolicies/status", &["patch"]),
+    ("kasmina.dev", "complianceprofiles/status", &["patch"]),
+    ("", "namespaces", &["list", "watch"]),
+    ("events.k8s.io", "events", &["create", "patch"]),
+    // Namespaced to the operator's own namespace (a Role, not a ClusterRole).
+    (
+        "coordination.k8s.io",
+        "leases",
+        &["get", "create", "update"],
+    ),
+];
+
+/// The plural names the controllers need served.
+const PLURALS: [&str; 3] = ["edgedeployments", "scalingpolicies", "complianceprofiles"];
+
+/// Fails with installation instructions when the CRDs are missing, instead of letting the
+/// watches retry forever.
+pub async fn ensure_crds_installed(client: &Client) -> Result<(), Error> {
+    let served: Vec<String> = match client
+        .list_api_group_resources(&format!("{GROUP}/{VERSION}"))
+        .await
+    {
+        Ok(list) => list.resources.into_iter().map(|r| r.name).collect(),
+        Err(kube::Error::Api(status)) if status.is_not_found() => vec![],
+        Err(e) => return Err(Error::Discovery(e)),
+    };
+    let missing: Vec<&str> = PLURALS
+        .iter()
+        .copied()
+        .filter(|p| !served.iter().any(|s| s == p))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::CrdsMissing {
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// Runs the operator until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), Error> {
+    if config.renew_deadline >= config.lease_duration
+        || config.retry_period >= config.renew_deadline
+    {
+        return Err(Error::Timing(
+            "need retry-period < renew-deadline < lease-duration".into(),
+        ));
+    }
+    let client = Client::try_default().await.map_err(Error::Connect)?;
+    ensure_crds_installed(&client).await?;
+
+    let mut registry = Registry::with_prefix("kasmina");
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let health = Arc::new(Health::default());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
+
+    let listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| Error::Http {
+            addr: config.metrics_addr,
+            source,
+        })?;
+    let http = tokio::spawn(telemetry::serve(
+        listener,
+        Arc::new(registry),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    // Standby replicas are ready too: they are healthy and take over when the leader goes.
+    health.set_ready(true);
+
+    let identity = config.identity.clone().unwrap_or_else(default_identity);
+    let clock = Arc::new(SystemClock);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        clock.clone(),
+        Some(identity.clone()),
+    ));
+
+    let result = if config.leader_elect {
+        let namespace = config
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        let timing = LeaseTiming {
+            lease_duration: config.lease_duration,
+            renew_deadline: config.renew_deadline,
+            retry_period: config.retry_period,
+        };
+        let elector = LeaderElector::new(
+            client,
+            &namespace,
+            &config.lease_name,
+            &identity,
+            timing,
+            clock,
+        );
+        lead(&elector, ctx, &metrics, &shutdown).await
+    } else {
+        metrics.set_leader(true);
+        run_controllers(ctx, shutdown.clone()).await;
+        Ok(())
+    };
+
+    health.set_ready(false);
+    shutdown.cancel();
+    if let Ok(Err(source)) = http.await {
+        tracing::warn!(%source, "metrics server");
+    }
+    result
+}
+
+/// Waits to lead, runs the controllers while leading, and releases the lease on shutdown.
+async fn lead(
+    elector: &LeaderElector,
+    ctx: Arc<Context>,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    if !elector.acquire(shutdown).await {
+        return Ok(());
+    }
+    metrics.set_leader(true);
+    let leading = shutdown.child_token();
+    let controllers = tokio::spawn(run_controllers(ctx, leading.clone()));
+    let held = elector.hold(&leading).await;
+    // Stop reconciling first (running reconciles finish), then hand the lease over.
+    leading.cancel();
+    let _ = controllers.await;
+    metrics.set_leader(false);
+    match held {
+        Held::Stopped => {
+            if let Err(error) = elector.release().await {
+                tracing::warn!(%error, "could not release the lease; a standby takes over when it expires");
+            }
+            Ok(())
+        }
+        Held::Lost(why) => Err(Error::LeadershipLost(why)),
+    }
+}
+
+/// Runs the three controllers until `stop` fires, then lets their running reconciles finish.
+async fn run_controllers(ctx: Arc<Context>, stop: CancellationToken) {
+    tracing::info!("starting controllers");
+    tokio::join!(
+        edge_deployment::run(ctx.clone(), stop.clone().cancelled_owned()),
+        scaling_policy::run(ctx.clone(), stop.clone().cancelled_owned()),
+        compliance_profile::run(ctx, stop.cancelled_owned()),
+    );
+    tracing::info!("controllers stopped");
+}
+
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "kasmina".into());
+    format!("{host}-{}", std::process::id())
+}

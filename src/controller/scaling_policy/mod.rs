@@ -1,0 +1,46 @@
+//! The ScalingPolicy controller: autoscaling EdgeDeployments on their runtime's load.
+
+pub mod decide;
+pub mod reconcile;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
+
+use super::context::Context;
+use crate::api::{EdgeDeployment, ScalingPolicy};
+
+/// Runs the controller until `shutdown` resolves, letting running reconciles finish.
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let policies: Api<ScalingPolicy> = Api::all(ctx.client.clone());
+    let targets: Api<EdgeDeployment> = Api::all(ctx.client.clone());
+    let controller = Controller::new(policies, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    controller
+        // A target appearing, vanishing or changing re-evaluates the policies that name it.
+        .watches(
+            targets,
+            watcher::Config::default(),
+            move |ed: EdgeDeployment| {
+                let namespace = ed.namespace();
+                let name = ed.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|p| p.namespace() == namespace && p.spec.target_ref.name == name)
+                    .map(|p| ObjectRef::from_obj(&*p))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "ScalingPolicy controller event");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,9 @@
+//! Kasmina: a Kubernetes operator that takes ML models to production on edge and cluster nodes.
+//!
+//! `api` is what users write, `controller` is what the operator does with it, `manifests`
+//! turns both into and out of YAML, `telemetry` is logs, metrics and health.
+
+pub mod api;
+pub mod controller;
+pub mod manifests;
+pub mod telemetry;

@@ -1,0 +1,185 @@
+//! Logs, the Prometheus registry's HTTP endpoint, and health probes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Sets up tracing; the level comes from `RUST_LOG` (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Liveness and readiness as the probes see them.
+#[derive(Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+}
+
+/// `/metrics`, `/healthz`, `/readyz`; anything else is a JSON 404.
+pub fn router(registry: Arc<Registry>, health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { json_error(StatusCode::NOT_FOUND, "not found") })
+        .with_state(AppState { registry, health })
+}
+
+/// A JSON error body with the status, as every Kasmina HTTP endpoint answers errors.
+pub fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed"),
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.health.is_ready() {
+        "ok".into_response()
+    } else {
+        json_error(StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+/// Serves the router on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(registry, health))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// Cancels `token` on SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C).
+pub async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn get(router: Router, path: &str) -> (StatusCode, String) {
+        let response = router
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn health_metrics_and_json_404() {
+        let mut registry = Registry::with_prefix("kasmina");
+        let metrics = crate::controller::context::Metrics::register(&mut registry);
+        metrics.set_leader(true);
+        drop(metrics.reconcile_started("edgedeployment"));
+        metrics.reconcile_failed("edgedeployment", "write_status");
+        let health = Arc::new(Health::default());
+        let app = router(Arc::new(registry), health.clone());
+
+        assert_eq!(get(app.clone(), "/healthz").await.0, StatusCode::OK);
+        let (status, body) = get(app.clone(), "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body, r#"{"error":"not ready"}"#);
+        health.set_ready(true);
+        assert_eq!(get(app.clone(), "/readyz").await.0, StatusCode::OK);
+
+        let (status, body) = get(app.clone(), "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        for line in [
+            "kasmina_leader 1",
+            r#"kasmina_reconciliations_total{controller="edgedeployment"} 1"#,
+            r#"kasmina_reconcile_failures_total{controller="edgedeployment",error="write_status"} 1"#,
+            r#"kasmina_reconcile_duration_seconds_count{controller="edgedeployment"} 1"#,
+        ] {
+            assert!(body.contains(line), "missing {line:?} in\n{body}");
+        }
+        let (status, body) = get(app, "/nope").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body, r#"{"error":"not found"}"#);
+    }
+}

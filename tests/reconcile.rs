@@ -1,0 +1,392 @@
+//! One reconcile per controller against a scripted API server (tower-test, the kube-rs
+//! `controller-rs` fixtures pattern): the exact requests, the exact status patch, and no write
+//! at all in steady state.
+
+use std::sync::Arc;
+
+use futures::FutureExt;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use k8s_openapi::jiff::Timestamp;
+use kasmina::api::{ComplianceProfile, EdgeDeployment, ScalingPolicy};
+use kasmina::controller::compliance_profile::reconcile::ComplianceContext;
+use kasmina::controller::context::{Context, FixedClock, Metrics};
+use kasmina::controller::leader::{LeaderElector, LeaseTiming, Observed};
+use kasmina::controller::{
+    compliance_profile, edge_deployment, ensure_crds_installed, scaling_policy,
+};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::reflector;
+use kube::runtime::watcher::Event;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle};
+
+const NOW: i64 = 1_800_000_000;
+const NOW_TEXT: &str = "2027-01-15T08:00:00Z";
+
+struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+impl ApiServer {
+    /// Takes the next request, checks method and path (query ignored unless given), answers
+    /// with `status` and `reply(body)`, and returns the request body.
+    async fn expect(
+        &mut self,
+        method: Method,
+        path: &str,
+        status: StatusCode,
+        reply: impl FnOnce(&Value) -> Value,
+    ) -> (String, Value) {
+        let (request, send) = self
+            .0
+            .next_request()
+            .await
+            .expect("the reconciler made no request");
+        let uri = request.uri().clone();
+        assert_eq!(request.method(), method, "{uri}");
+        assert_eq!(uri.path(), path);
+        let bytes = request.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        let answer = reply(&body);
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap(),
+        );
+        (uri.query().unwrap_or("").to_owned(), body)
+    }
+
+    /// Asserts nothing else was asked of the API server.
+    fn assert_idle(&mut self) {
+        // Pending (client alive, nothing sent) or closed (client dropped) both mean idle.
+        if let Some(Some((request, _))) = self.0.next_request().now_or_never() {
+            panic!(
+                "unexpected extra request: {} {}",
+                request.method(),
+                request.uri()
+            );
+        }
+    }
+}
+
+fn not_found(what: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+           "message": format!("{what} not found"), "code": 404})
+}
+
+fn context() -> (Arc<Context>, ApiServer) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let metrics = Arc::new(Metrics::register(&mut Registry::default()));
+    let clock = Arc::new(FixedClock(Timestamp::from_second(NOW).unwrap()));
+    (
+        Arc::new(Context::new(client, metrics, clock, Some("test".into()))),
+        ApiServer(handle),
+    )
+}
+
+fn edge_deployment() -> EdgeDeployment {
+    serde_json::from_value(json!({
+        "apiVersion": "kasmina.dev/v1alpha1", "kind": "EdgeDeployment",
+        "metadata": {"name": "sentiment", "namespace": "ml", "generation": 4, "uid": "ed-uid",
+                     "labels": {"data-class": "personal"}},
+        "spec": {"model": {"name": "minilm", "version": "2.1.0",
+                           "source": {"uri": "s3://models/minilm/2.1.0/"}, "architecture": "bert"},
+                 "replicas": 3},
+    }))
+    .unwrap()
+}
+
+fn echo(body: &Value) -> Value {
+    body.clone()
+}
+
+#[tokio::test]
+async fn edge_deployment_first_reconcile_writes_pending_status_and_an_event() {
+    let (ctx, mut server) = context();
+    let ed = edge_deployment();
+    let answered = ed.clone();
+    let reconcile = tokio::spawn(edge_deployment::reconcile::reconcile(Arc::new(ed), ctx));
+
+    let (query, patch) = server
+        .expect(
+            Method::PATCH,
+            "/apis/kasmina.dev/v1alpha1/namespaces/ml/edgedeployments/sentiment/status",
+            StatusCode::OK,
+            |_| serde_json::to_value(&answered).unwrap(),
+        )
+        .await;
+    assert!(
+        query.contains("fieldManager=kasmina") && query.contains("force=true"),
+        "{query}"
+    );
+    let message = "revision 150443d04bafa5a4 accepted; waiting for its artifact build";
+    assert_eq!(
+        patch,
+        json!({
+            "apiVersion": "kasmina.dev/v1alpha1", "kind": "EdgeDeployment",
+            "status": {
+                "observedGeneration": 4,
+                "phase": "Pending",
+                "targetRevision": "150443d04bafa5a4",
+                "replicas": 0,
+                "readyReplicas": 0,
+                "selector": "kasmina.dev/edge-deployment=sentiment",
+                "conditions": [
+                    {"type": "Ready", "status": "False", "reason": "AwaitingArtifact", "message": message,
+                     "observedGeneration": 4, "lastTransitionTime": NOW_TEXT},
+                    {"type": "Progressing", "status": "True", "reason": "NewRevision", "message": message,
+                     "observedGeneration": 4, "lastTransitionTime": NOW_TEXT},
+                ],
+            }
+        })
+    );
+    let (_, event) = server
+        .expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/ml/events",
+            StatusCode::CREATED,
+            echo,
+        )
+        .await;
+    assert_eq!(event["reason"], "NewRevision");
+    assert_eq!(event["type"], "Normal");
+    assert_eq!(
+        event["note"],
+        "revision 150443d04bafa5a4 for model minilm 2.1.0"
+    );
+    reconcile.await.unwrap().unwrap();
+    server.assert_idle();
+}
+
+#[tokio::test]
+async fn edge_deployment_steady_state_makes_no_request() {
+    let (ctx, mut server) = context();
+    let mut ed = edge_deployment();
+    ed.status =
+        Some(edge_deployment::plan::plan(&ed, Timestamp::from_second(NOW - 3600).unwrap()).status);
+    // A request would block the reconcile waiting for an answer, so whichever finishes first
+    // tells: the reconcile (no request) or the API server (a request).
+    tokio::select! {
+        biased;
+        result = edge_deployment::reconcile::reconcile(Arc::new(ed), ctx) => { result.unwrap(); }
+        Some((request, _)) = server.0.next_request() => {
+            panic!("steady state wrote: {} {}", request.method(), request.uri())
+        }
+    }
+}
+
+#[tokio::test]
+async fn scaling_policy_reports_a_missing_target() {
+    let (ctx, mut server) = context();
+    let policy: ScalingPolicy = serde_json::from_value(json!({
+        "apiVersion": "kasmina.dev/v1alpha1", "kind": "ScalingPolicy",
+        "metadata": {"name": "sentiment", "namespace": "ml", "generation": 1, "uid": "sp-uid"},
+        "spec": {"targetRef": {"kind": "EdgeDeployment", "name": "sentiment"},
+                 "maxReplicas": 5, "metrics": [{"type": "CognitiveLoad", "target": 0.7}]},
+    }))
+    .unwrap();
+    let answered = policy.clone();
+    let reconcile = tokio::spawn(scaling_policy::reconcile::reconcile(Arc::new(policy), ctx));
+
+    server
+        .expect(
+            Method::GET,
+            "/apis/kasmina.dev/v1alpha1/namespaces/ml/edgedeployments/sentiment",
+            StatusCode::NOT_FOUND,
+            |_| not_found("edgedeployments \"sentiment\""),
+        )
+        .await;
+    let (_, patch) = server
+        .expect(
+            Method::PATCH,
+            "/apis/kasmina.dev/v1alpha1/namespaces/ml/scalingpolicies/sentiment/status",
+            StatusCode::OK,
+            |_| serde_json::to_value(&answered).unwrap(),
+        )
+        .await;
+    let message =
+        "EdgeDeployment \"sentiment\" not found in namespace \"ml\"; replicas are left as they are";
+    assert_eq!(
+        patch["status"],
+        json!({
+            "observedGeneration": 1,
+            "conditions": [
+                {"type": "AbleToScale", "status": "False", "reason": "TargetNotFound", "message": message,
+                 "observedGeneration": 1, "lastTransitionTime": NOW_TEXT},
+                {"type": "ScalingActive", "status": "False", "reason": "TargetNotFound", "message": message,
+                 "observedGeneration": 1, "lastTransitionTime": NOW_TEXT},
+            ],
+        })
+    );
+    let (_, event) = server
+        .expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/ml/events",
+            StatusCode::CREATED,
+            echo,
+        )
+        .await;
+    assert_eq!(
+        (event["type"].as_str(), event["reason"].as_str()),
+        (Some("Warning"), Some("TargetNotFound"))
+    );
+    reconcile.await.unwrap().unwrap();
+    server.assert_idle();
+}
+
+#[tokio::test]
+async fn compliance_profile_counts_what_it_selects() {
+    let (ctx, mut server) = context();
+    let profile: ComplianceProfile = serde_json::from_value(json!({
+        "apiVersion": "kasmina.dev/v1alpha1", "kind": "ComplianceProfile",
+        "metadata": {"name": "personal-data", "generation": 2, "uid": "cp-uid"},
+        "spec": {"selector": {"matchLabels": {"data-class": "personal"}}, "regulations": ["GDPR"]},
+    }))
+    .unwrap();
+    let (deployments, mut writer) = reflector::store();
+    let mut other = edge_deployment();
+    other.metadata.name = Some("public".into());
+    other.metadata.labels = None;
+    for ed in [edge_deployment(), other] {
+        writer.apply_watcher_event(&Event::InitApply(ed));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+    let (namespaces, mut ns_writer) = reflector::store();
+    ns_writer.apply_watcher_event(&Event::InitDone);
+    let cc = Arc::new(ComplianceContext {
+        ctx,
+        deployments,
+        namespaces,
+    });
+    let answered = profile.clone();
+    let reconcile = tokio::spawn(compliance_profile::reconcile::reconcile(
+        Arc::new(profile),
+        cc,
+    ));
+
+    let (_, patch) = server
+        .expect(
+            Method::PATCH,
+            "/apis/kasmina.dev/v1alpha1/complianceprofiles/personal-data/status",
+            StatusCode::OK,
+            |_| serde_json::to_value(&answered).unwrap(),
+        )
+        .await;
+    assert_eq!(
+        patch["status"],
+        json!({
+            "observedGeneration": 2,
+            "matched": 1,
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "Selected", "message": "selects 1 EdgeDeployment",
+                 "observedGeneration": 2, "lastTransitionTime": NOW_TEXT},
+            ],
+        })
+    );
+    reconcile.await.unwrap().unwrap();
+    server.assert_idle();
+}
+
+#[tokio::test]
+async fn missing_crds_stop_the_controller_with_install_instructions() {
+    let (ctx, mut server) = context();
+    let client = ctx.client.clone();
+    let check = tokio::spawn(async move { ensure_crds_installed(&client).await });
+    server
+        .expect(
+            Method::GET,
+            "/apis/kasmina.dev/v1alpha1",
+            StatusCode::NOT_FOUND,
+            |_| not_found("kasmina.dev/v1alpha1"),
+        )
+        .await;
+    let message = check.await.unwrap().unwrap_err().to_string();
+    assert!(
+        message.contains("missing: edgedeployments, scalingpolicies, complianceprofiles"),
+        "{message}"
+    );
+    assert!(message.contains("kubectl apply -f crds/"), "{message}");
+
+    let client = ctx.client.clone();
+    let check = tokio::spawn(async move { ensure_crds_installed(&client).await });
+    server
+        .expect(Method::GET, "/apis/kasmina.dev/v1alpha1", StatusCode::OK, |_| {
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "kasmina.dev/v1alpha1",
+                   "resources": [{"name": "edgedeployments", "singularName": "edgedeployment", "namespaced": true,
+                                  "kind": "EdgeDeployment", "verbs": ["get"]}]})
+        })
+        .await;
+    let message = check.await.unwrap().unwrap_err().to_string();
+    assert!(
+        message.contains("missing: scalingpolicies, complianceprofiles"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn leader_election_creates_the_lease_then_loses_a_race() {
+    let (ctx, mut server) = context();
+    let elector = Arc::new(LeaderElector::new(
+        ctx.client.clone(),
+        "kasmina-system",
+        "kasmina-controller",
+        "replica-a",
+        LeaseTiming::default(),
+        ctx.clock.clone(),
+    ));
+    let lease_path =
+        "/apis/coordination.k8s.io/v1/namespaces/kasmina-system/leases/kasmina-controller";
+
+    let e = elector.clone();
+    let look = tokio::spawn(async move { e.try_acquire_or_renew().await });
+    server
+        .expect(Method::GET, lease_path, StatusCode::NOT_FOUND, |_| {
+            not_found("lease")
+        })
+        .await;
+    let (_, created) = server
+        .expect(
+            Method::POST,
+            "/apis/coordination.k8s.io/v1/namespaces/kasmina-system/leases",
+            StatusCode::CREATED,
+            echo,
+        )
+        .await;
+    assert_eq!(created["spec"]["holderIdentity"], "replica-a");
+    assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
+    assert_eq!(look.await.unwrap().unwrap(), Observed::Leading);
+
+    // An expired lease of replica-b: we try to take it, but b renewed first (409 Conflict).
+    let expired = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "kasmina-controller", "namespace": "kasmina-system", "resourceVersion": "7"},
+        "spec": {"holderIdentity": "replica-b", "leaseDurationSeconds": 15,
+                 "renewTime": "2027-01-15T07:59:00.000000Z", "leaseTransitions": 3}});
+    let e = elector.clone();
+    let look = tokio::spawn(async move { e.try_acquire_or_renew().await });
+    server
+        .expect(Method::GET, lease_path, StatusCode::OK, |_| expired.clone())
+        .await;
+    let (_, replaced) = server
+        .expect(Method::PUT, lease_path, StatusCode::CONFLICT, |_| {
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                   "message": "the object has been modified"})
+        })
+        .await;
+    assert_eq!(
+        replaced["metadata"]["resourceVersion"], "7",
+        "the write is fenced by resourceVersion"
+    );
+    assert_eq!(replaced["spec"]["leaseTransitions"], 4);
+    assert!(matches!(
+        look.await.unwrap().unwrap(),
+        Observed::Following { .. }
+    ));
+    server.assert_idle();
+}
