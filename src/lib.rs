@@ -4,6 +4,9 @@
 //! turns both into and out of YAML, `telemetry` is logs, metrics and health.
 
 pub mod api;
+pub mod artifact;
 pub mod controller;
+pub mod crypto;
 pub mod manifests;
+pub mod model;
 pub mod telemetry;

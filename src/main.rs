@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use kasmina::api::edge_deployment::{Accelerator, Architecture, DeviceProfile, Quantization};
+use kasmina::artifact::prune::Pruning;
+use kasmina::artifact::{self, BuildOptions};
+use kasmina::crypto::{EncryptionKey, SigningKey, VerifyingKey};
 use kasmina::telemetry::{self, LogFormat};
 use kasmina::{controller, manifests};
 
@@ -35,6 +39,26 @@ enum Command {
         out_dir: Vec<PathBuf>,
     },
 
+    /// Build an optimized artifact: load the model, prune, quantize to fit the device, measure
+    /// quality against the source, write GGUF + manifest, sign and optionally encrypt.
+    // `--version` here is the model's version, so the subcommand has no version flag.
+    #[command(disable_version_flag = true)]
+    Build(BuildArgs),
+
+    /// Verify an artifact: manifest digest, signature, and the stored file's digest.
+    Verify(VerifyArgs),
+
+    /// Write a new Ed25519 signing key pair (PREFIX.key, PREFIX.pub), or with --encryption a
+    /// 32-byte AES-256 key (PREFIX.aes).
+    Keygen {
+        /// Path prefix of the files to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Write an encryption key instead of a signing key pair.
+        #[arg(long)]
+        encryption: bool,
+    },
+
     /// Check Kasmina manifests offline with the rules the controller applies: unknown fields,
     /// types and semantic validation, each problem naming its field.
     Validate {
@@ -51,6 +75,9 @@ fn main() -> ExitCode {
         Command::Controller(config) => run_controller(config),
         Command::Crdgen { out_dir } => crdgen(&out_dir),
         Command::Validate { files } => validate(&files),
+        Command::Build(args) => build(args),
+        Command::Verify(args) => verify(&args),
+        Command::Keygen { out, encryption } => keygen(&out, encryption),
     };
     match result {
         Ok(code) => code,
@@ -59,6 +86,213 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    /// Model source: a Hugging Face layout folder (config.json + safetensors, sharded or not),
+    /// or a single .safetensors for mlp; a path or file://, s3://, gs://, az://, https:// URI.
+    #[arg(long)]
+    source: String,
+    /// bert (sentence encoders) or mlp (tabular).
+    #[arg(long, value_parser = serde_enum::<Architecture>)]
+    architecture: Architecture,
+    /// The target device, e.g. memoryMiB=256,cpuCores=2,accelerator=none.
+    #[arg(long, value_parser = parse_profile)]
+    profile: Option<DeviceProfile>,
+    /// auto (fit the profile with the least loss), q8_0, q4_0, q4_k, f16 or none.
+    #[arg(long, default_value = "auto", value_parser = serde_enum::<Quantization>)]
+    quantization: Quantization,
+    /// magnitude:<sparsity> (e.g. magnitude:0.3) or 2:4.
+    #[arg(long)]
+    pruning: Option<Pruning>,
+    /// Fail when 1 − min cosine against the source exceeds this.
+    #[arg(long, default_value_t = 0.02)]
+    max_quality_loss: f64,
+    /// Output folder (must not exist) or object-store URI.
+    #[arg(long)]
+    out: String,
+    /// Ed25519 private key (PEM) to sign the manifest with.
+    #[arg(long)]
+    sign_key: Option<PathBuf>,
+    /// AES-256 key file (base64) to encrypt the GGUF at rest.
+    #[arg(long)]
+    encrypt_key: Option<PathBuf>,
+    /// Where to write the ≤ 4 KiB JSON summary (Kubernetes termination message).
+    #[arg(long)]
+    termination_log: Option<PathBuf>,
+    /// Model name; default: the source folder's name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Model version.
+    #[arg(long, default_value = "0.0.0")]
+    version: String,
+    /// Quantization threads; default: all cores.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The artifact folder.
+    artifact: PathBuf,
+    /// Ed25519 public key (PEM) the manifest must be signed with.
+    #[arg(long)]
+    public_key: Option<PathBuf>,
+    /// The manifest digest the artifact must have (sha256:…).
+    #[arg(long)]
+    expect_digest: Option<String>,
+    /// AES-256 key to also check the decrypted GGUF.
+    #[arg(long)]
+    decrypt_key: Option<PathBuf>,
+}
+
+fn serde_enum<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|e| e.to_string())
+}
+
+fn parse_profile(s: &str) -> Result<DeviceProfile, String> {
+    let mut profile = DeviceProfile {
+        memory_mib: 0,
+        cpu_cores: 1,
+        accelerator: Accelerator::None,
+    };
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected key=value"))?;
+        match key {
+            "memoryMiB" => {
+                profile.memory_mib = value.parse().map_err(|e| format!("memoryMiB: {e}"))?
+            }
+            "cpuCores" => {
+                profile.cpu_cores = value.parse().map_err(|e| format!("cpuCores: {e}"))?
+            }
+            "accelerator" => profile.accelerator = serde_enum(value)?,
+            other => {
+                return Err(format!(
+                    "unknown profile key {other:?}; use memoryMiB, cpuCores, accelerator"
+                ));
+            }
+        }
+    }
+    if profile.memory_mib < 16 {
+        return Err("memoryMiB is required and at least 16".into());
+    }
+    Ok(profile)
+}
+
+fn read(path: &PathBuf) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn build(args: BuildArgs) -> Result<ExitCode, String> {
+    let options = BuildOptions {
+        source: args.source,
+        architecture: args.architecture,
+        profile: args.profile,
+        quantization: args.quantization,
+        pruning: args.pruning,
+        max_quality_loss: args.max_quality_loss,
+        out: args.out,
+        sign_key: args.sign_key,
+        encrypt_key: args.encrypt_key,
+        termination_log: args.termination_log,
+        name: args.name,
+        version: args.version,
+        threads: args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    let outcome = runtime
+        .block_on(artifact::build(&options))
+        .map_err(|e| error_chain(&e))?;
+    let s = &outcome.summary;
+    println!(
+        "built {} {} → {}\n  digest {}\n  {} → {} bytes ({:.1}%), {} {:?}\n  quality: min cosine {:.5} (loss {:.5}) over {} samples\n  signed: {}, encrypted: {}",
+        outcome.manifest.name,
+        outcome.manifest.version,
+        outcome.out,
+        outcome.digest,
+        s.original_size_bytes,
+        s.size_bytes,
+        100.0 * s.size_bytes as f64 / s.original_size_bytes.max(1) as f64,
+        s.quantization,
+        s.dtype_mix,
+        s.min_cosine,
+        s.quality_loss,
+        outcome.manifest.quality.samples,
+        s.signed,
+        s.encrypted,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
+    let public = args
+        .public_key
+        .as_ref()
+        .map(|p| {
+            VerifyingKey::from_pem(&read(p)?, &p.display().to_string()).map_err(|e| e.to_string())
+        })
+        .transpose()?;
+    let decrypt = args
+        .decrypt_key
+        .as_ref()
+        .map(|p| {
+            EncryptionKey::from_base64(&read(p)?, &p.display().to_string())
+                .map_err(|e| e.to_string())
+        })
+        .transpose()?;
+    let verified = artifact::verify(
+        &args.artifact,
+        public.as_ref(),
+        args.expect_digest.as_deref(),
+        decrypt.as_ref(),
+    )
+    .map_err(|e| error_chain(&e))?;
+    println!(
+        "ok: {} {} digest {}{}",
+        verified.manifest.name,
+        verified.manifest.version,
+        verified.digest,
+        verified
+            .signed_by
+            .map(|k| format!(", signed by key {k}"))
+            .unwrap_or_else(|| ", signature not checked (no --public-key)".into())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn keygen(out: &std::path::Path, encryption: bool) -> Result<ExitCode, String> {
+    let write = |path: PathBuf, text: String, private: bool| -> Result<(), String> {
+        if path.exists() {
+            return Err(format!("{}: already exists", path.display()));
+        }
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        #[cfg(unix)]
+        if private {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        println!("wrote {}", path.display());
+        Ok(())
+    };
+    let with = |ext: &str| PathBuf::from(format!("{}.{ext}", out.display()));
+    if encryption {
+        let key = EncryptionKey::generate().map_err(|e| e.to_string())?;
+        write(with("aes"), key.to_base64() + "\n", true)?;
+    } else {
+        let key = SigningKey::generate().map_err(|e| e.to_string())?;
+        write(with("key"), key.to_pem().map_err(|e| e.to_string())?, true)?;
+        write(with("pub"), key.public_key().to_pem(), false)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_controller(config: controller::Config) -> Result<ExitCode, String> {
@@ -131,4 +365,13 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     message
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }
