@@ -76,8 +76,9 @@ fn child_quantize(mode: &str, dtype: &str, threads: usize) {
         let out = quantize::quantize_serial(&source, &tensors, &dtypes).expect("quantize");
         std::hint::black_box(out);
     } else {
-        let out =
-            quantize::quantize_all(&source, &tensors, &dtypes, None, threads).expect("quantize");
+        let measure = mode == "parallel+quality";
+        let out = quantize::quantize_all(&source, &tensors, &dtypes, None, threads, measure)
+            .expect("quantize");
         std::hint::black_box(out);
     }
     println!(
@@ -134,13 +135,21 @@ fn main() {
             "| {dtype} | candle loop (baseline) | 1 | {base_s:.3} | {:.1} | {base_rss:.0} | 1.00× |",
             elements / base_s / 1e6
         );
-        for threads in [1, 2] {
-            let (s, elements, rss) = best("parallel", threads);
-            println!(
-                "| {dtype} | kasmina chunked | {threads} | {s:.3} | {:.1} | {rss:.0} | {:.2}× |",
-                elements / s / 1e6,
-                base_s / s
-            );
+        for (mode, label) in [
+            ("parallel", "kasmina chunked"),
+            (
+                "parallel+quality",
+                "kasmina chunked + per-tensor cosine/RMSE",
+            ),
+        ] {
+            for threads in [1, 2] {
+                let (s, elements, rss) = best(mode, threads);
+                println!(
+                    "| {dtype} | {label} | {threads} | {s:.3} | {:.1} | {rss:.0} | {:.2}× |",
+                    elements / s / 1e6,
+                    base_s / s
+                );
+            }
         }
     }
 

@@ -475,6 +475,7 @@ pub async fn build(options: &BuildOptions) -> Result<BuildOutcome, Error> {
         &chosen.dtypes,
         options.pruning,
         options.threads,
+        true,
     )?;
 
     let mut weights = Weights::default();

@@ -15,8 +15,9 @@ use super::plan::{Role, TensorInfo};
 use super::prune::{self, Pruning};
 use super::source::SourceTensors;
 
-/// Elements per chunk: large enough to amortise, small enough to balance two threads.
-const CHUNK_ELEMENTS: usize = 1 << 20;
+/// Elements per chunk: large enough to amortise, small enough to balance two threads and to
+/// keep buffers in the allocator's heap (no fresh pages to fault in for every chunk).
+const CHUNK_ELEMENTS: usize = 1 << 18;
 
 /// One quantized tensor with what was measured on the way.
 pub struct Quantized {
@@ -63,30 +64,38 @@ impl Stats {
     }
 }
 
-/// Quantizes one block of rows; returns the block's bytes and its statistics.
-fn quantize_rows(
-    data: Vec<f32>,
-    rows: usize,
-    row_len: usize,
-    dtype: GgmlDType,
-) -> Result<(Vec<u8>, Stats), Error> {
-    let t = Tensor::from_vec(data, (rows, row_len), &Device::Cpu)?;
-    let q = QTensor::quantize(&t, dtype)?;
-    let restored = q
-        .dequantize(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let source = t.flatten_all()?.to_vec1::<f32>()?;
-    Ok((q.data()?.into_owned(), Stats::measure(&source, &restored)))
+/// Quantizes one block of rows with candle's block quantizer (the code behind
+/// `QTensor::quantize`), without the tensor round trips; returns the block's bytes and, when
+/// asked, how far the dequantized values are from the source.
+fn quantize_rows(data: &[f32], dtype: GgmlDType, measure: bool) -> Result<(Vec<u8>, Stats), Error> {
+    let mut blocks = dtype.cpu_zeros(data.len());
+    blocks.from_float(data);
+    // SAFETY: `as_ptr` points at the `storage_size_in_bytes` bytes of the block vector that
+    // `blocks` owns; they are plain data and outlive this borrow (candle's `QTensor::data`
+    // reads them the same way).
+    let bytes =
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr(), blocks.storage_size_in_bytes()) }
+            .to_vec();
+    let stats = if measure {
+        match blocks.dequantize(data.len())? {
+            candle_core::CpuStorage::F32(restored) => Stats::measure(data, &restored),
+            _ => Stats::default(),
+        }
+    } else {
+        Stats::default()
+    };
+    Ok((bytes, stats))
 }
 
 /// Quantizes every tensor to its planned dtype on `threads` threads, pruning matrices first.
+/// With `measure`, each tensor's cosine and relative RMSE against the source come along.
 pub fn quantize_all(
     source: &SourceTensors,
     tensors: &[TensorInfo],
     dtypes: &[GgmlDType],
     pruning: Option<Pruning>,
     threads: usize,
+    measure: bool,
 ) -> Result<Vec<Quantized>, Error> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
@@ -134,7 +143,11 @@ pub fn quantize_all(
                         _ => {}
                     }
                 }
-                let (bytes, stats) = quantize_rows(data, rows.len(), row_len, dtypes[i])?;
+                let (bytes, mut stats) = quantize_rows(&data, dtypes[i], measure)?;
+                // Sparsity is reported whether or not the quality is measured.
+                if !measure {
+                    stats.zeros = data.iter().filter(|x| **x == 0.0).count();
+                }
                 Ok((i, rows.start, bytes, stats))
             })
             .collect::<Result<_, Error>>()?;
