@@ -113,6 +113,14 @@ fn main() {
         child_quantize(&args[2], &args[3], args[4].parse().unwrap_or(1));
         return;
     }
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it,
+    // and a test run is no place for a benchmark.
+    if !args.iter().any(|a| a == "--bench") {
+        println!(
+            "benchmark skipped: run it with `cargo bench --bench build` (or `just bench-build`)"
+        );
+        return;
+    }
     if !model_dir().join("model.safetensors").is_file() {
         eprintln!("all-MiniLM-L6-v2 is not in models/; run `just fetch-model` first");
         return;
