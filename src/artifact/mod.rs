@@ -353,20 +353,7 @@ fn sensitivity(
         .tensors
         .iter()
         .enumerate()
-        .flat_map(|(i, t)| {
-            let mut seen: Vec<GgmlDType> = vec![];
-            for wanted in plan::LADDER {
-                let d = if t.role == Role::Keep {
-                    GgmlDType::F32
-                } else {
-                    plan::effective(wanted, t.row_len())
-                };
-                if !seen.contains(&d) {
-                    seen.push(d);
-                }
-            }
-            seen.into_iter().map(move |d| (i, d))
-        })
+        .flat_map(|(i, t)| plan::candidates(t).into_iter().map(move |d| (i, d)))
         .collect();
     let losses: Vec<f64> = trials
         .par_iter()
@@ -480,17 +467,7 @@ pub async fn build(options: &BuildOptions) -> Result<BuildOutcome, Error> {
 
     let mut weights = Weights::default();
     for (t, q) in prepared.tensors.iter().zip(&quantized) {
-        weights.insert(
-            t.name.clone(),
-            Arc::new(QTensor::new(
-                candle_core::quantized::QStorage::from_data(
-                    q.tensor.data()?,
-                    &Device::Cpu,
-                    q.tensor.dtype(),
-                )?,
-                t.shape.as_slice(),
-            )?),
-        );
+        weights.insert(t.name.clone(), q.tensor.clone());
     }
     let report = prepared.kind.assemble(&weights)?.report(&reference)?;
     drop(weights);
@@ -519,7 +496,7 @@ pub async fn build(options: &BuildOptions) -> Result<BuildOutcome, Error> {
         .tensors
         .iter()
         .zip(&quantized)
-        .map(|(t, q)| (t.name.clone(), &q.tensor))
+        .map(|(t, q)| (t.name.clone(), &*q.tensor))
         .collect();
     let gguf_path = output.staging.0.join(GGUF_FILE);
     gguf::write(&gguf_path, &metadata, &named)?;

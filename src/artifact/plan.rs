@@ -103,6 +103,22 @@ pub const LADDER: [GgmlDType; 7] = [
     GgmlDType::Q4_0,
 ];
 
+/// The dtypes `auto` may give a tensor: the distinct effective dtypes of the ladder, most
+/// precise first (only F32 for tensors kept as they are).
+pub fn candidates(t: &TensorInfo) -> Vec<GgmlDType> {
+    if t.role == Role::Keep {
+        return vec![GgmlDType::F32];
+    }
+    let mut seen = vec![];
+    for d in LADDER {
+        let e = effective(d, t.row_len());
+        if !seen.contains(&e) {
+            seen.push(e);
+        }
+    }
+    seen
+}
+
 /// Short lowercase names, as llama.cpp and the manifest write them.
 pub fn dtype_name(dtype: GgmlDType) -> &'static str {
     use GgmlDType::*;
@@ -216,22 +232,7 @@ fn auto(
 ) -> Result<Vec<GgmlDType>, PlanError> {
     let budget = weight_budget(memory_mib);
     // Per tensor, the distinct effective dtypes of the ladder, most precise first.
-    let options: Vec<Vec<GgmlDType>> = tensors
-        .iter()
-        .map(|t| {
-            if t.role == Role::Keep {
-                return vec![GgmlDType::F32];
-            }
-            let mut seen = vec![];
-            for d in LADDER {
-                let e = effective(d, t.row_len());
-                if !seen.contains(&e) {
-                    seen.push(e);
-                }
-            }
-            seen
-        })
-        .collect();
+    let options: Vec<Vec<GgmlDType>> = tensors.iter().map(candidates).collect();
     let size = |levels: &[usize]| -> usize {
         tensors
             .iter()

@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
@@ -21,7 +22,8 @@ const CHUNK_ELEMENTS: usize = 1 << 18;
 
 /// One quantized tensor with what was measured on the way.
 pub struct Quantized {
-    pub tensor: QTensor,
+    /// Shared, so the quality check and the GGUF writer use it without copies.
+    pub tensor: Arc<QTensor>,
     /// Fraction of zeros after pruning (before quantization).
     pub sparsity: f64,
     /// Cosine similarity between the source and the dequantized weights.
@@ -171,7 +173,7 @@ fn assemble(
             stats = stats.add(s);
         }
         let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dtypes[i])?;
-        let tensor = QTensor::new(storage, t.shape.as_slice())?;
+        let tensor = Arc::new(QTensor::new(storage, t.shape.as_slice())?);
         let cosine = if stats.source_sq == 0.0 || stats.quant_sq == 0.0 {
             1.0
         } else {
