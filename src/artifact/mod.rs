@@ -329,7 +329,7 @@ fn mlp_layers(
 fn reference_weights(p: &Prepared) -> Result<Weights, Error> {
     let mut weights = Weights::default();
     for t in &p.tensors {
-        let data = p.source.rows_f32(&t.name, 0..t.rows())?;
+        let data = p.source.rows_f32(&t.name, 0..t.rows())?.into_owned();
         let tensor = Tensor::from_vec(data, t.shape.as_slice(), &Device::Cpu)?;
         weights.insert(
             t.name.clone(),

@@ -1,12 +1,11 @@
 //! Quantization with candle-core, in parallel: every tensor is cut into row chunks that are
 //! read straight from the memory-mapped safetensors, pruned, quantized and measured on a pool
-//! of threads; the chunks of a tensor are then joined. Peak memory stays near the mapped
-//! source plus the quantized output and one chunk per thread.
+//! of threads, each straight into its place in the tensor's block vector. Peak memory stays
+//! near the mapped source plus the quantized output and one chunk per thread.
 
-use std::borrow::Cow;
-use std::ops::Range;
 use std::sync::Arc;
 
+use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -66,29 +65,6 @@ impl Stats {
     }
 }
 
-/// Quantizes one block of rows with candle's block quantizer (the code behind
-/// `QTensor::quantize`), without the tensor round trips; returns the block's bytes and, when
-/// asked, how far the dequantized values are from the source.
-fn quantize_rows(data: &[f32], dtype: GgmlDType, measure: bool) -> Result<(Vec<u8>, Stats), Error> {
-    let mut blocks = dtype.cpu_zeros(data.len());
-    blocks.from_float(data);
-    // SAFETY: `as_ptr` points at the `storage_size_in_bytes` bytes of the block vector that
-    // `blocks` owns; they are plain data and outlive this borrow (candle's `QTensor::data`
-    // reads them the same way).
-    let bytes =
-        unsafe { std::slice::from_raw_parts(blocks.as_ptr(), blocks.storage_size_in_bytes()) }
-            .to_vec();
-    let stats = if measure {
-        match blocks.dequantize(data.len())? {
-            candle_core::CpuStorage::F32(restored) => Stats::measure(data, &restored),
-            _ => Stats::default(),
-        }
-    } else {
-        Stats::default()
-    };
-    Ok((bytes, stats))
-}
-
 /// Quantizes every tensor to its planned dtype on `threads` threads, pruning matrices first.
 /// With `measure`, each tensor's cosine and relative RMSE against the source come along.
 pub fn quantize_all(
@@ -104,93 +80,129 @@ pub fn quantize_all(
         .build()
         .map_err(|e| Error::Threads(e.to_string()))?;
     pool.install(|| {
-        // Magnitude pruning needs each tensor's threshold before its chunks run.
-        let thresholds: Vec<Option<f32>> = tensors
-            .par_iter()
-            .map(|t| match pruning {
-                Some(Pruning::Magnitude { sparsity }) if t.role == Role::Matrix => {
-                    let all = source.rows_f32(&t.name, 0..t.rows())?;
-                    Ok(Some(prune::magnitude_threshold(&all, sparsity)))
-                }
-                _ => Ok(None),
-            })
-            .collect::<Result<_, Error>>()?;
-
-        let mut jobs: Vec<(usize, Range<usize>)> = vec![];
-        for (i, t) in tensors.iter().enumerate() {
-            let rows = t.rows();
-            let per_chunk = (CHUNK_ELEMENTS / t.row_len().max(1)).max(1);
-            let mut start = 0;
-            while start < rows {
-                let end = (start + per_chunk).min(rows);
-                jobs.push((i, start..end));
-                start = end;
-            }
-        }
-        // Biggest first, so no thread is left with a large chunk at the end.
-        jobs.sort_by_key(|(_, r)| std::cmp::Reverse(r.len()));
-
-        let done: Vec<(usize, usize, Vec<u8>, Stats)> = jobs
+        // Biggest first, so no thread is left with a large tensor at the end; rayon steals
+        // the chunks of a tensor across threads.
+        let mut order: Vec<usize> = (0..tensors.len()).collect();
+        order.sort_by_key(|i| std::cmp::Reverse(tensors[*i].elements()));
+        let mut done: Vec<(usize, Quantized)> = order
             .into_par_iter()
-            .map(|(i, rows)| {
-                let t = &tensors[i];
-                let row_len = t.row_len();
-                let mut data = source.rows_f32(&t.name, rows.clone())?;
-                if t.role == Role::Matrix {
-                    match (pruning, thresholds[i]) {
-                        (Some(Pruning::SemiStructured24), _) => {
-                            prune::two_of_four(&mut data, row_len)
-                        }
-                        (_, Some(threshold)) => prune::apply_threshold(&mut data, threshold),
-                        _ => {}
-                    }
-                }
-                let (bytes, mut stats) = quantize_rows(&data, dtypes[i], measure)?;
-                // Sparsity is reported whether or not the quality is measured.
-                if !measure {
-                    stats.zeros = data.iter().filter(|x| **x == 0.0).count();
-                }
-                Ok((i, rows.start, bytes, stats))
+            .map(|i| {
+                let job = Job {
+                    source,
+                    tensor: &tensors[i],
+                    pruning,
+                    measure,
+                };
+                Ok((i, job.run(dtypes[i])?))
             })
             .collect::<Result<_, Error>>()?;
-        assemble(tensors, dtypes, done)
+        done.sort_by_key(|(i, _)| *i);
+        Ok(done.into_iter().map(|(_, q)| q).collect())
     })
 }
 
-fn assemble(
-    tensors: &[TensorInfo],
-    dtypes: &[GgmlDType],
-    mut done: Vec<(usize, usize, Vec<u8>, Stats)>,
-) -> Result<Vec<Quantized>, Error> {
-    done.sort_by_key(|(i, start, _, _)| (*i, *start));
-    let mut out = Vec::with_capacity(tensors.len());
-    let mut parts = done.into_iter().peekable();
-    for (i, t) in tensors.iter().enumerate() {
-        let mut bytes = vec![];
-        let mut stats = Stats::default();
-        while let Some((_, _, chunk, s)) = parts.next_if(|(j, _, _, _)| *j == i) {
-            bytes.extend_from_slice(&chunk);
-            stats = stats.add(s);
+/// One tensor's quantization.
+struct Job<'a> {
+    source: &'a SourceTensors,
+    tensor: &'a TensorInfo,
+    pruning: Option<Pruning>,
+    measure: bool,
+}
+
+impl Job<'_> {
+    fn run(&self, dtype: GgmlDType) -> Result<Quantized, Error> {
+        use candle_core::quantized::k_quants::*;
+        use half::{bf16, f16};
+        match dtype {
+            GgmlDType::F32 => self.blocks::<f32>(),
+            GgmlDType::F16 => self.blocks::<f16>(),
+            GgmlDType::BF16 => self.blocks::<bf16>(),
+            GgmlDType::Q4_0 => self.blocks::<BlockQ4_0>(),
+            GgmlDType::Q4_1 => self.blocks::<BlockQ4_1>(),
+            GgmlDType::Q5_0 => self.blocks::<BlockQ5_0>(),
+            GgmlDType::Q5_1 => self.blocks::<BlockQ5_1>(),
+            GgmlDType::Q8_0 => self.blocks::<BlockQ8_0>(),
+            GgmlDType::Q8_1 => self.blocks::<BlockQ8_1>(),
+            GgmlDType::Q2K => self.blocks::<BlockQ2K>(),
+            GgmlDType::Q3K => self.blocks::<BlockQ3K>(),
+            GgmlDType::Q4K => self.blocks::<BlockQ4K>(),
+            GgmlDType::Q5K => self.blocks::<BlockQ5K>(),
+            GgmlDType::Q6K => self.blocks::<BlockQ6K>(),
+            GgmlDType::Q8K => self.blocks::<BlockQ8K>(),
         }
-        let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dtypes[i])?;
-        let tensor = Arc::new(QTensor::new(storage, t.shape.as_slice())?);
-        let cosine = if stats.source_sq == 0.0 || stats.quant_sq == 0.0 {
-            1.0
-        } else {
-            stats.dot / (stats.source_sq.sqrt() * stats.quant_sq.sqrt())
+    }
+
+    /// Quantizes into one block vector for the whole tensor, chunks of rows in parallel,
+    /// each read straight from the map and written straight into its place: no copies to
+    /// join afterwards.
+    fn blocks<T: GgmlType + 'static>(&self) -> Result<Quantized, Error> {
+        let t = self.tensor;
+        let row_len = t.row_len().max(1);
+        if !row_len.is_multiple_of(T::BLCK_SIZE) {
+            return Err(Error::Source(format!(
+                "{}: rows of {row_len} are not a multiple of the {:?} block ({})",
+                t.name,
+                T::DTYPE,
+                T::BLCK_SIZE
+            )));
+        }
+        let blocks_per_row = row_len / T::BLCK_SIZE;
+        let rows_per_chunk = (CHUNK_ELEMENTS / row_len).max(1);
+        let threshold = match self.pruning {
+            Some(Pruning::Magnitude { sparsity }) if t.role == Role::Matrix => {
+                let all = self.source.rows_f32(&t.name, 0..t.rows())?;
+                Some(prune::magnitude_threshold(&all, sparsity))
+            }
+            _ => None,
         };
-        out.push(Quantized {
+        let mut blocks = vec![T::zeros(); t.rows() * blocks_per_row];
+        let stats = blocks
+            .par_chunks_mut(rows_per_chunk * blocks_per_row)
+            .enumerate()
+            .map(|(c, out)| {
+                let first = c * rows_per_chunk;
+                let rows = first..first + out.len() / blocks_per_row;
+                let mut data = self.source.rows_f32(&t.name, rows)?;
+                if t.role == Role::Matrix {
+                    match (self.pruning, threshold) {
+                        (Some(Pruning::SemiStructured24), _) => {
+                            prune::two_of_four(data.to_mut(), row_len)
+                        }
+                        (_, Some(threshold)) => prune::apply_threshold(data.to_mut(), threshold),
+                        _ => {}
+                    }
+                }
+                T::from_float(&data, out);
+                Ok::<_, Error>(if self.measure {
+                    let mut restored = vec![0f32; data.len()];
+                    T::to_float(out, &mut restored);
+                    Stats::measure(&data, &restored)
+                } else {
+                    // Sparsity is reported whether or not the quality is measured.
+                    Stats {
+                        zeros: data.iter().filter(|x| **x == 0.0).count(),
+                        ..Stats::default()
+                    }
+                })
+            })
+            .try_reduce(Stats::default, |a, b| Ok(a.add(b)))?;
+        let storage = QStorage::Cpu(Box::new(blocks));
+        let tensor = Arc::new(QTensor::new(storage, t.shape.as_slice())?);
+        Ok(Quantized {
             tensor,
             sparsity: stats.zeros as f64 / t.elements().max(1) as f64,
-            cosine,
+            cosine: if stats.source_sq == 0.0 || stats.quant_sq == 0.0 {
+                1.0
+            } else {
+                stats.dot / (stats.source_sq.sqrt() * stats.quant_sq.sqrt())
+            },
             rel_rmse: if stats.source_sq == 0.0 {
                 0.0
             } else {
                 (stats.diff_sq / stats.source_sq).sqrt()
             },
-        });
+        })
     }
-    Ok(out)
 }
 
 /// candle's plain loop, one tensor at a time on one thread: the baseline the benchmark beats.
@@ -203,7 +215,7 @@ pub fn quantize_serial(
         .iter()
         .zip(dtypes)
         .map(|(t, d)| {
-            let data = source.rows_f32(&t.name, 0..t.rows())?;
+            let data = source.rows_f32(&t.name, 0..t.rows())?.into_owned();
             let tensor = Tensor::from_vec(data, t.shape.as_slice(), &Device::Cpu)?;
             Ok(QTensor::quantize(&tensor, *d)?)
         })

@@ -1,6 +1,7 @@
 //! Where the weights come from: a URI (`file://`, `s3://`, `gs://`, `az://`, `https://`, or a
 //! plain path) resolved to local files, and the memory-mapped safetensors read by rows.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -264,7 +265,8 @@ impl SourceTensors {
     }
 
     /// Rows `rows` of a 2-D (or 1-D: one row) tensor as F32.
-    pub fn rows_f32(&self, gguf_name: &str, rows: Range<usize>) -> Result<Vec<f32>, Error> {
+    /// F32 rows on a little-endian machine are borrowed from the map, not copied.
+    pub fn rows_f32(&self, gguf_name: &str, rows: Range<usize>) -> Result<Cow<'_, [f32]>, Error> {
         let source_name = self
             .names
             .get(gguf_name)
@@ -295,7 +297,15 @@ impl SourceTensors {
                     "{source_name}: rows {rows:?} are outside the tensor"
                 ))
             })?;
-        Ok(match view.dtype() {
+        if view.dtype() == Dtype::F32 && cfg!(target_endian = "little") {
+            // SAFETY: every bit pattern is a valid f32; `align_to` only yields the aligned
+            // middle, which is the whole slice when the data starts on a 4-byte boundary.
+            let (head, floats, tail) = unsafe { bytes.align_to::<f32>() };
+            if head.is_empty() && tail.is_empty() {
+                return Ok(Cow::Borrowed(floats));
+            }
+        }
+        Ok(Cow::Owned(match view.dtype() {
             Dtype::F32 => bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -308,6 +318,6 @@ impl SourceTensors {
                 .chunks_exact(2)
                 .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-        })
+        }))
     }
 }
