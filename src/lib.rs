@@ -1,7 +1,8 @@
 //! Kasmina: a Kubernetes operator that takes ML models to production on edge and cluster nodes.
 //!
 //! `api` is what users write, `controller` is what the operator does with it, `manifests`
-//! turns both into and out of YAML, `telemetry` is logs, metrics and health.
+//! turns both into and out of YAML, `telemetry` is logs, metrics and health. `model` is the
+//! network, `artifact` and `runtime` are its life before and after deployment.
 
 pub mod api;
 pub mod artifact;
@@ -9,4 +10,5 @@ pub mod controller;
 pub mod crypto;
 pub mod manifests;
 pub mod model;
+pub mod runtime;
 pub mod telemetry;

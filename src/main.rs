@@ -9,7 +9,7 @@ use kasmina::artifact::prune::Pruning;
 use kasmina::artifact::{self, BuildOptions};
 use kasmina::crypto::{EncryptionKey, SigningKey, VerifyingKey};
 use kasmina::telemetry::{self, LogFormat};
-use kasmina::{controller, manifests};
+use kasmina::{controller, manifests, runtime};
 
 /// Kasmina takes ML models to production on edge and cluster nodes: it builds artifacts sized
 /// for the device, serves them, rolls out new versions with analysis, autoscales on cognitive
@@ -59,6 +59,34 @@ enum Command {
         encryption: bool,
     },
 
+    /// Serve an artifact over the Open Inference Protocol v2: verify digest and signature,
+    /// decrypt, load, then serve with dynamic batching, backpressure, metrics and optional
+    /// JWT authentication; drain on SIGTERM.
+    Serve(Box<runtime::Options>),
+
+    /// Issue a JWT for a model: signed with a PEM private key (Ed25519, P-256, RSA) or a
+    /// shared-secret file, for an audience and a lifetime. Prints the token.
+    Token {
+        /// Private key (PEM, PKCS#8) or shared-secret file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The audience: the model name the runtime expects (or its --jwt-audience).
+        #[arg(long)]
+        audience: String,
+        /// How long the token is valid, e.g. 1h, 30m.
+        #[arg(long, default_value = "1h")]
+        lifetime: kasmina::api::duration::Duration,
+        /// The issuer claim.
+        #[arg(long)]
+        issuer: Option<String>,
+        /// The subject claim: who the token is for.
+        #[arg(long)]
+        subject: Option<String>,
+        /// A key id for the header (to pick the key from a JWKS).
+        #[arg(long)]
+        key_id: Option<String>,
+    },
+
     /// Check Kasmina manifests offline with the rules the controller applies: unknown fields,
     /// types and semantic validation, each problem naming its field.
     Validate {
@@ -78,6 +106,24 @@ fn main() -> ExitCode {
         Command::Build(args) => build(args),
         Command::Verify(args) => verify(&args),
         Command::Keygen { out, encryption } => keygen(&out, encryption),
+        Command::Serve(options) => serve(*options),
+        Command::Token {
+            key,
+            audience,
+            lifetime,
+            issuer,
+            subject,
+            key_id,
+        } => token(
+            &key,
+            &runtime::auth::TokenRequest {
+                audience: &audience,
+                issuer: issuer.as_deref(),
+                subject: subject.as_deref(),
+                lifetime: lifetime.as_std(),
+                key_id: key_id.as_deref(),
+            },
+        ),
     };
     match result {
         Ok(code) => code,
@@ -292,6 +338,28 @@ fn keygen(out: &std::path::Path, encryption: bool) -> Result<ExitCode, String> {
         write(with("key"), key.to_pem().map_err(|e| e.to_string())?, true)?;
         write(with("pub"), key.public_key().to_pem(), false)?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(options: runtime::Options) -> Result<ExitCode, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    runtime
+        .block_on(async {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
+            runtime::run(options, shutdown).await
+        })
+        .map_err(|e| error_chain(&e))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token(key: &std::path::Path, request: &runtime::auth::TokenRequest) -> Result<ExitCode, String> {
+    let token = runtime::auth::issue(key, request, std::time::SystemTime::now())
+        .map_err(|e| e.to_string())?;
+    println!("{token}");
     Ok(ExitCode::SUCCESS)
 }
 

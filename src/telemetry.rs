@@ -73,8 +73,13 @@ pub fn json_error(status: StatusCode, message: &str) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    metrics_response(&state.registry)
+}
+
+/// The registry in the OpenMetrics text format, as every Kasmina `/metrics` answers.
+pub fn metrics_response(registry: &Registry) -> Response {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
         Ok(()) => (
             [(
                 header::CONTENT_TYPE,

@@ -733,6 +733,31 @@ pub fn verify(
     expect_digest: Option<&str>,
     decrypt_key: Option<&EncryptionKey>,
 ) -> Result<Verified, Error> {
+    let verified = verify_manifest(dir, public_key, expect_digest)?;
+    let manifest = &verified.manifest;
+    let stored_path = dir.join(&manifest.stored.file);
+    let stored = file_record(&stored_path, &manifest.stored.file)?;
+    if stored.sha256 != manifest.stored.sha256 {
+        return Err(stored_mismatch(manifest, &stored.sha256));
+    }
+    if let (Some(key), Some(_)) = (decrypt_key, &manifest.stored.encryption) {
+        let file = std::fs::File::open(&stored_path).map_err(|e| Error::io(&stored_path, e))?;
+        let mut hasher = HashingWriter::default();
+        key.decrypt(std::io::BufReader::new(file), &mut hasher)?;
+        let plain = hasher.finish();
+        if plain != manifest.gguf.sha256 {
+            return Err(gguf_mismatch(manifest, &plain));
+        }
+    }
+    Ok(verified)
+}
+
+/// The manifest, checked against the expected digest and (with a key) its signature.
+fn verify_manifest(
+    dir: &Path,
+    public_key: Option<&VerifyingKey>,
+    expect_digest: Option<&str>,
+) -> Result<Verified, Error> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let bytes = std::fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
     let digest = crypto::sha256(&bytes);
@@ -762,31 +787,88 @@ pub fn verify(
         }
         None => None,
     };
-    let stored_path = dir.join(&manifest.stored.file);
-    let stored = file_record(&stored_path, &manifest.stored.file)?;
-    if stored.sha256 != manifest.stored.sha256 {
-        return Err(Error::Verify(format!(
-            "{} has digest {}, the manifest says {}",
-            manifest.stored.file, stored.sha256, manifest.stored.sha256
-        )));
-    }
-    if let (Some(key), Some(_)) = (decrypt_key, &manifest.stored.encryption) {
-        let file = std::fs::File::open(&stored_path).map_err(|e| Error::io(&stored_path, e))?;
-        let mut hasher = HashingWriter::default();
-        key.decrypt(std::io::BufReader::new(file), &mut hasher)?;
-        let plain = hasher.finish();
-        if plain != manifest.gguf.sha256 {
-            return Err(Error::Verify(format!(
-                "decrypted GGUF has digest {plain}, the manifest says {}",
-                manifest.gguf.sha256
-            )));
-        }
-    }
     Ok(Verified {
         manifest,
         digest,
         signed_by,
     })
+}
+
+fn stored_mismatch(manifest: &Manifest, found: &str) -> Error {
+    Error::Verify(format!(
+        "{} has digest {found}, the manifest says {}",
+        manifest.stored.file, manifest.stored.sha256
+    ))
+}
+
+fn gguf_mismatch(manifest: &Manifest, found: &str) -> Error {
+    Error::Verify(format!(
+        "decrypted GGUF has digest {found}, the manifest says {}",
+        manifest.gguf.sha256
+    ))
+}
+
+/// The GGUF bytes that were verified: memory-mapped in clear, or decrypted into memory.
+pub enum GgufBytes {
+    Mapped(memmap2::Mmap),
+    Decrypted(Vec<u8>),
+}
+
+impl std::ops::Deref for GgufBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            GgufBytes::Mapped(m) => m,
+            GgufBytes::Decrypted(v) => v,
+        }
+    }
+}
+
+/// Verifies an artifact and returns the very bytes that were hashed, so nothing can change
+/// between the check and the load. An encrypted artifact needs `decrypt_key`; a key for a
+/// clear artifact is refused too, since whoever passed it expected encryption.
+pub fn open_verified(
+    dir: &Path,
+    public_key: Option<&VerifyingKey>,
+    expect_digest: &str,
+    decrypt_key: Option<&EncryptionKey>,
+) -> Result<(Verified, GgufBytes), Error> {
+    let verified = verify_manifest(dir, public_key, Some(expect_digest))?;
+    let manifest = &verified.manifest;
+    let stored_path = dir.join(&manifest.stored.file);
+    let file = std::fs::File::open(&stored_path).map_err(|e| Error::io(&stored_path, e))?;
+    // SAFETY: the map is read-only and private to this process; a concurrent writer could
+    // change it, which is why the digest is taken over the mapped bytes themselves and the
+    // GGUF is parsed from the same mapping.
+    let mapped = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&stored_path, e))?;
+    let stored_digest = crypto::sha256(&mapped);
+    if stored_digest != manifest.stored.sha256 {
+        return Err(stored_mismatch(manifest, &stored_digest));
+    }
+    let bytes = match (&manifest.stored.encryption, decrypt_key) {
+        (None, None) => GgufBytes::Mapped(mapped),
+        (Some(_), Some(key)) => {
+            let mut plain = Vec::with_capacity(manifest.gguf.bytes as usize);
+            key.decrypt(&mapped[..], &mut plain)?;
+            drop(mapped);
+            let digest = crypto::sha256(&plain);
+            if digest != manifest.gguf.sha256 {
+                return Err(gguf_mismatch(manifest, &digest));
+            }
+            GgufBytes::Decrypted(plain)
+        }
+        (Some(_), None) => {
+            return Err(Error::Verify(
+                "the artifact is encrypted; a decryption key is needed".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(Error::Verify(
+                "a decryption key was given but the artifact is not encrypted".into(),
+            ));
+        }
+    };
+    Ok((verified, bytes))
 }
 
 /// A writer that only hashes what passes through.

@@ -63,20 +63,32 @@ pub async fn fetch(uri: &str) -> Result<ModelFiles, Error> {
     if !uri.contains("://") {
         return locate(Path::new(uri), None);
     }
-    let download = TempDir::new("kasmina-source")?;
-    download_remote(uri, &download.0).await?;
+    let folder = TempDir::new("kasmina-source")?;
+    download(uri, &folder.0, &|name: &str| {
+        name.ends_with(".safetensors")
+            || name.ends_with(".safetensors.index.json")
+            || name == "config.json"
+            || name == "tokenizer.json"
+    })
+    .await?;
     let name = uri
         .trim_end_matches('/')
         .rsplit('/')
         .next()
         .unwrap_or("model")
         .to_owned();
-    let mut files = locate(&download.0.clone(), Some(download))?;
+    let mut files = locate(&folder.0.clone(), Some(folder))?;
     files.name_hint = name.trim_end_matches(".safetensors").to_owned();
     Ok(files)
 }
 
-async fn download_remote(uri: &str, into: &Path) -> Result<(), Error> {
+/// Downloads the objects at `uri` (a single `.safetensors` object, or the files under a
+/// prefix whose names `wanted` accepts) into the folder `into`.
+pub async fn download(
+    uri: &str,
+    into: &Path,
+    wanted: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<(), Error> {
     use futures::TryStreamExt;
     use object_store::ObjectStoreExt;
     let url = url::Url::parse(uri).map_err(|e| Error::Source(format!("{uri}: {e}")))?;
@@ -92,12 +104,6 @@ async fn download_remote(uri: &str, into: &Path) -> Result<(), Error> {
     let (store, prefix) = object_store::parse_url_opts(&url, options)
         .map_err(|e| Error::Source(format!("{uri}: {e}")))?;
     let unreachable = |e: object_store::Error| Error::Source(format!("{uri}: {e}"));
-    let wanted = |name: &str| {
-        name.ends_with(".safetensors")
-            || name.ends_with(".safetensors.index.json")
-            || name == "config.json"
-            || name == "tokenizer.json"
-    };
     // A single file, or a folder listing.
     let objects: Vec<object_store::path::Path> = if uri.ends_with(".safetensors") {
         vec![prefix.clone()]
@@ -114,7 +120,7 @@ async fn download_remote(uri: &str, into: &Path) -> Result<(), Error> {
     };
     if objects.is_empty() {
         return Err(Error::Source(format!(
-            "{uri}: no config.json or .safetensors files found there"
+            "{uri}: none of the expected files (model or artifact) is there"
         )));
     }
     for object in objects {

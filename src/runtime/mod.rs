@@ -1,0 +1,318 @@
+//! `kasmina serve`: the edge runtime in every EdgeDeployment pod. It verifies the artifact
+//! before loading it, serves it over the Open Inference Protocol v2 with dynamic batching and
+//! backpressure, reports its cognitive load, and drains on SIGTERM without losing a request.
+
+pub mod auth;
+pub mod batch;
+pub mod load;
+pub mod protocol;
+pub mod served;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::duration::Duration as KubeDuration;
+use crate::telemetry::Health;
+use batch::{BatchConfig, Batcher};
+use load::{InfoLabels, Load};
+use served::{OpenOptions, ServedModel};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("artifact: {0}")]
+    Artifact(#[from] crate::artifact::Error),
+    #[error("model: {0}")]
+    Model(#[from] crate::model::Error),
+    #[error("key: {0}")]
+    Key(String),
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::Error),
+    #[error("authentication: {0}")]
+    Auth(#[from] auth::AuthError),
+    #[error("{0}")]
+    Config(String),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("serving: {0}")]
+    Serve(std::io::Error),
+    #[error("drain timed out after {0:?} with requests still running")]
+    DrainTimeout(Duration),
+}
+
+impl Error {
+    /// A short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Artifact(_) => "artifact",
+            Error::Model(_) => "model",
+            Error::Key(_) | Error::Crypto(_) => "key",
+            Error::Auth(_) => "auth",
+            Error::Config(_) => "config",
+            Error::Listen { .. } | Error::Serve(_) => "io",
+            Error::DrainTimeout(_) => "drain_timeout",
+        }
+    }
+}
+
+/// How requests are authenticated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// No authentication (a trusted network, or a mesh doing it).
+    #[default]
+    None,
+    /// A bearer JWT on every model route; health routes stay open.
+    Jwt,
+}
+
+/// `kasmina serve` options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Options {
+    /// The artifact: a folder, file:// URI, or s3://, gs://, az://, https:// prefix.
+    #[arg(long, env = "KASMINA_ARTIFACT")]
+    pub artifact: String,
+    /// The manifest digest the artifact must have (sha256:…); anything else refuses to start.
+    #[arg(long, env = "KASMINA_EXPECT_DIGEST")]
+    pub expect_digest: String,
+    /// Ed25519 public key (PEM): the manifest signature must verify with it.
+    #[arg(long, env = "KASMINA_PUBLIC_KEY")]
+    pub public_key: Option<PathBuf>,
+    /// AES-256 key file (base64) for an encrypted artifact.
+    #[arg(long, env = "KASMINA_DECRYPT_KEY")]
+    pub decrypt_key: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: std::net::IpAddr,
+    /// Port for the inference, health and metrics routes.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Items per forward pass; 1 turns batching off.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// How long a batch waits to fill, e.g. 2ms.
+    #[arg(long, default_value = "2ms")]
+    pub max_batch_delay: KubeDuration,
+    /// Requests that may wait beyond what the workers hold; more are shed with 503.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Forward passes at once (each uses every core).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// A request not answered within this gets 504.
+    #[arg(long, default_value = "30s")]
+    pub request_timeout: KubeDuration,
+    /// Largest request body in bytes; bigger gets 413.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// After SIGTERM, keep serving this long with readiness false, so endpoints are removed
+    /// before the listener closes (set it to the endpoint propagation time, e.g. 5s).
+    #[arg(long, default_value = "0s")]
+    pub drain_delay: KubeDuration,
+    /// Longest wait for admitted requests after the listener closes.
+    #[arg(long, default_value = "30s")]
+    pub drain_timeout: KubeDuration,
+    /// Authentication for the model routes.
+    #[arg(long, value_enum, default_value_t = AuthMode::None)]
+    pub auth: AuthMode,
+    /// JWT verification key: PEM public key (RSA, P-256, Ed25519) or a shared-secret file.
+    #[arg(long, env = "KASMINA_JWT_KEY")]
+    pub jwt_key: Option<PathBuf>,
+    /// JWT verification keys as a JWKS file (instead of --jwt-key).
+    #[arg(long, env = "KASMINA_JWKS")]
+    pub jwks: Option<PathBuf>,
+    /// The audience tokens must carry (default: the model's name).
+    #[arg(long)]
+    pub jwt_audience: Option<String>,
+    /// The issuer tokens must carry, if any.
+    #[arg(long)]
+    pub jwt_issuer: Option<String>,
+    /// The EdgeDeployment revision, for the model_info metric.
+    #[arg(long, env = "KASMINA_REVISION", default_value = "")]
+    pub revision: String,
+    /// Tokens per sentence before truncation.
+    #[arg(long, default_value_t = crate::model::bert::DEFAULT_MAX_TOKENS)]
+    pub max_tokens: usize,
+}
+
+impl Options {
+    pub fn batch(&self) -> BatchConfig {
+        BatchConfig {
+            max_batch: self.max_batch.max(1),
+            max_delay: self.max_batch_delay.as_std(),
+            max_queue: self.max_queue,
+            workers: self.workers.max(1),
+        }
+    }
+
+    fn open(&self) -> OpenOptions {
+        OpenOptions {
+            artifact: self.artifact.clone(),
+            expect_digest: self.expect_digest.clone(),
+            public_key: self.public_key.clone(),
+            decrypt_key: self.decrypt_key.clone(),
+            max_tokens: self.max_tokens,
+        }
+    }
+
+    fn verifier(&self, model: &str) -> Result<Option<auth::Verifier>, Error> {
+        if self.auth == AuthMode::None {
+            return Ok(None);
+        }
+        let audience = self.jwt_audience.as_deref().unwrap_or(model);
+        let issuer = self.jwt_issuer.as_deref();
+        match (&self.jwt_key, &self.jwks) {
+            (Some(key), None) => Ok(Some(auth::Verifier::from_key_file(key, audience, issuer)?)),
+            (None, Some(jwks)) => Ok(Some(auth::Verifier::from_jwks_file(
+                jwks, audience, issuer,
+            )?)),
+            _ => Err(Error::Config(
+                "--auth jwt needs exactly one of --jwt-key or --jwks".into(),
+            )),
+        }
+    }
+}
+
+/// Serving limits the router enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub batch: BatchConfig,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub drain_delay: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl From<&Options> for Limits {
+    fn from(o: &Options) -> Self {
+        Self {
+            batch: o.batch(),
+            request_timeout: o.request_timeout.as_std(),
+            max_body_bytes: o.max_body_bytes,
+            drain_delay: o.drain_delay.as_std(),
+            drain_timeout: o.drain_timeout.as_std(),
+        }
+    }
+}
+
+/// Verifies and loads the artifact, then serves until `shutdown` fires and the drain ends.
+/// Nothing listens until the artifact has been verified and loaded.
+pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), Error> {
+    let open = options.open();
+    let handle = tokio::runtime::Handle::current();
+    let (model, cold) = tokio::task::spawn_blocking(move || served::open(&open, &handle))
+        .await
+        .map_err(|e| Error::Config(format!("loading panicked: {e}")))??;
+    tracing::info!(
+        model = %model.name,
+        version = %model.version,
+        digest = %model.digest,
+        quantization = %model.quantization,
+        signed_by = model.signed_by.as_deref().unwrap_or("-"),
+        weights_mib = model.weight_bytes as f64 / 1048576.0,
+        fetch_ms = cold.fetch.as_secs_f64() * 1e3,
+        verify_ms = cold.verify.as_secs_f64() * 1e3,
+        load_ms = cold.load.as_secs_f64() * 1e3,
+        "artifact verified and loaded"
+    );
+    if model.signed_by.is_none() {
+        tracing::warn!("the artifact's signature was not checked: no --public-key");
+    }
+    let verifier = options.verifier(&model.name)?;
+    let addr = SocketAddr::new(options.host, options.port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { addr, source })?;
+    serve(
+        model,
+        Limits::from(&options),
+        verifier,
+        &options.revision,
+        cold.total(),
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves a loaded model on `listener`. Readiness turns true at once and false the moment
+/// `shutdown` fires; admitted requests then finish (bounded by the drain timeout).
+pub async fn serve(
+    model: ServedModel,
+    limits: Limits,
+    verifier: Option<auth::Verifier>,
+    revision: &str,
+    cold_start: Duration,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let mut registry = Registry::default();
+    let load = Arc::new(Load::new(
+        &mut registry,
+        InfoLabels {
+            model: model.name.clone(),
+            version: model.version.clone(),
+            revision: revision.into(),
+            digest: model.digest.clone(),
+            quantization: model.quantization.clone(),
+        },
+        limits.batch.capacity(),
+        Instant::now(),
+    ));
+    let cold_gauge =
+        prometheus_client::metrics::gauge::Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    cold_gauge.set(cold_start.as_secs_f64());
+    registry.register(
+        "kasmina_cold_start_seconds",
+        "Fetch, verify and load time of the served artifact",
+        cold_gauge,
+    );
+    let (batcher, collector) = Batcher::start(model.engine.clone(), limits.batch, load.clone());
+    let health = Arc::new(Health::default());
+    let state = server::State {
+        model: Arc::new(server::ModelInfo::from(&model)),
+        batcher,
+        load,
+        health: health.clone(),
+        registry: Arc::new(registry),
+        verifier: verifier.map(Arc::new),
+    };
+    let app = server::router(state, &limits);
+    health.set_ready(true);
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, model = %model.name, "serving");
+
+    let drain_delay = limits.drain_delay;
+    let signal = {
+        let shutdown = shutdown.clone();
+        let health = health.clone();
+        async move {
+            shutdown.cancelled().await;
+            health.set_ready(false);
+            tracing::info!(?drain_delay, "draining: readiness is false");
+            tokio::time::sleep(drain_delay).await;
+        }
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(drain_delay + limits.drain_timeout).await;
+    };
+    tokio::select! {
+        result = server => result.map_err(Error::Serve)?,
+        () = deadline => return Err(Error::DrainTimeout(limits.drain_timeout)),
+    }
+    // Every connection is closed, so every batcher handle is gone; the collector finishes
+    // what is left.
+    let _ = collector.await;
+    tracing::info!("drained");
+    Ok(())
+}
