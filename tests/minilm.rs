@@ -207,3 +207,101 @@ fn llama_cpp_reader_lists_every_tensor_with_the_manifest_dtype() {
         "{tensors:?}"
     );
 }
+
+/// The Q8_0 artifact served by the real `kasmina serve` binary: every sentence of the set,
+/// sent concurrently (so they batch), stays within cosine 0.998 of the builder's F32 forward;
+/// and NVIDIA's own OIP v2 client, `tritonclient[http]`, gets the same embeddings with the
+/// binary tensor extension and with plain JSON.
+#[test]
+fn served_q8_0_matches_f32_over_http_and_through_tritonclient() {
+    let Some(dir) = model_dir() else { return };
+    let scratch = Scratch::new("minilm-serve");
+    let reference = f32_reference(&dir, &scratch);
+    let out = scratch.path("q8_0");
+    let outcome = build(&dir, &out, Quantization::Q8_0, None);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_kasmina"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--expect-digest", &outcome.digest, "--artifact"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sentences = quality::sentences();
+    let model = outcome.manifest.name.clone();
+    let served: Vec<Vec<f32>> = runtime.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            while common::http::get_status(addr, "/v2/health/ready").await != Some(200) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("kasmina serve became ready");
+        let calls: Vec<_> = sentences
+            .iter()
+            .map(|s| {
+                let body = serde_json::json!({"inputs": [{"name": "text", "shape": [1],
+                    "datatype": "BYTES", "data": [s]}]});
+                let path = format!("/v2/models/{model}/infer");
+                tokio::spawn(async move { common::http::post(addr, &path, &body).await })
+            })
+            .collect();
+        let mut served = vec![];
+        for call in calls {
+            let r = call.await.unwrap();
+            assert_eq!(r.status, 200, "{}", r.error());
+            served.push(serde_json::from_value(r.json()["outputs"][0]["data"].clone()).unwrap());
+        }
+        served
+    });
+    for (i, (a, b)) in reference.iter().zip(&served).enumerate() {
+        let c = cosine(a, b);
+        assert!(c >= 0.998, "served sentence {i} ({:?}): cosine {c}", sentences[i]);
+    }
+
+    if python_has("numpy, tritonclient.http") {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/triton_infer.py");
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .arg(addr.to_string())
+            .arg(&model)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = serde_json::to_vec(&sentences).unwrap();
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "tritonclient failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(v["metadata"]["name"], model);
+        for mode in ["binary", "json"] {
+            let rows: Vec<Vec<f32>> = serde_json::from_value(v[mode].clone()).unwrap();
+            assert_eq!(rows.len(), sentences.len(), "{mode}");
+            for (i, (a, b)) in reference.iter().zip(&rows).enumerate() {
+                let c = cosine(a, b);
+                assert!(c >= 0.998, "tritonclient {mode}: sentence {i} cosine {c}");
+            }
+        }
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    assert!(server.wait().unwrap().success());
+}
