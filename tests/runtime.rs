@@ -45,6 +45,7 @@ fn batching() -> BatchConfig {
         max_delay: Duration::from_millis(5),
         max_queue: 64,
         workers: 1,
+        max_queue_delay: None,
     }
 }
 
@@ -218,6 +219,7 @@ async fn every_oip_route_answers_as_the_protocol_says() {
         assert_eq!(v["model_version"], "1.0.0");
         assert_eq!(v["id"], "r");
         assert_eq!(v["outputs"][0]["shape"], json!([1, 4]));
+        assert!(r.headers["server-timing"].starts_with("total;dur="));
         let served: Vec<f32> = serde_json::from_value(v["outputs"][0]["data"].clone()).unwrap();
         assert_eq!(served, direct[0]);
     }
@@ -428,6 +430,7 @@ fn one_at_a_time(max_queue: usize) -> BatchConfig {
         max_delay: Duration::ZERO,
         max_queue,
         workers: 1,
+        max_queue_delay: None,
     }
 }
 

@@ -29,6 +29,10 @@ pub struct BatchConfig {
     /// Forward passes at once. Each pass already uses every core (candle's thread pool), so
     /// one worker is right for a small device.
     pub workers: usize,
+    /// Shed a request when the work ahead of it would keep it waiting longer than this
+    /// (estimated from the measured time per item); `None` sheds only on a full queue.
+    /// This keeps the latency of admitted requests bounded under overload.
+    pub max_queue_delay: Option<Duration>,
 }
 
 impl BatchConfig {
@@ -47,6 +51,8 @@ impl BatchConfig {
 pub enum BatchError {
     #[error("the request queue is full")]
     Full,
+    #[error("the wait would exceed the queue delay limit")]
+    TooSlow,
     #[error("the runtime is shutting down")]
     Closed,
     #[error("inference failed: {0}")]
@@ -65,6 +71,8 @@ struct Job {
 pub struct Batcher {
     tx: mpsc::Sender<Job>,
     load: Arc<Load>,
+    max_queue_delay: Option<Duration>,
+    workers: usize,
 }
 
 impl Batcher {
@@ -77,12 +85,23 @@ impl Batcher {
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.admitted().max(1));
         let collector = tokio::spawn(collect(rx, engine, config, load.clone()));
-        (Self { tx, load }, collector)
+        let batcher = Self {
+            tx,
+            load,
+            max_queue_delay: config.max_queue_delay,
+            workers: config.workers.max(1),
+        };
+        (batcher, collector)
     }
 
     /// Queues `items` and waits for their rows. Never blocks on a full queue: it answers
     /// `Full` at once, so the caller can shed the request.
     pub async fn infer(&self, items: Items) -> Result<Vec<Vec<f32>>, BatchError> {
+        if let Some(limit) = self.max_queue_delay
+            && self.load.expected_wait(self.workers) > limit
+        {
+            return Err(BatchError::TooSlow);
+        }
         let (reply, rx) = oneshot::channel();
         self.load.enqueued(Instant::now());
         if let Err(e) = self.tx.try_send(Job { items, reply }) {
@@ -161,6 +180,7 @@ fn run(engine: &dyn Engine, jobs: Vec<Job>, load: &Load) {
     let counts: Vec<usize> = jobs.iter().map(|j| j.items.len()).collect();
     let (merged, replies) = merge(jobs);
     let expected = merged.as_ref().map_or(0, Items::len);
+    let started = Instant::now();
     let result = match merged {
         Some(items) => match std::panic::catch_unwind(AssertUnwindSafe(|| engine.infer(&items))) {
             Ok(Ok(rows)) if rows.len() == expected => Ok(rows),
@@ -175,7 +195,11 @@ fn run(engine: &dyn Engine, jobs: Vec<Job>, load: &Load) {
             "a batch mixed text and tensor inputs".into(),
         )),
     };
-    load.finished(replies.len(), Instant::now());
+    let now = Instant::now();
+    if result.is_ok() {
+        load.observe_batch(expected, now - started);
+    }
+    load.finished(replies.len(), now);
     match result {
         Ok(rows) => {
             let mut rows = rows.into_iter();
@@ -196,6 +220,7 @@ impl Clone for BatchError {
     fn clone(&self) -> Self {
         match self {
             BatchError::Full => BatchError::Full,
+            BatchError::TooSlow => BatchError::TooSlow,
             BatchError::Closed => BatchError::Closed,
             BatchError::Failed(m) => BatchError::Failed(m.clone()),
         }
@@ -274,6 +299,7 @@ mod tests {
             max_delay,
             max_queue: 256,
             workers: 1,
+            max_queue_delay: None,
         }
     }
 
@@ -341,6 +367,7 @@ mod tests {
             max_delay: Duration::ZERO,
             max_queue: 0,
             workers: 1,
+            max_queue_delay: None,
         };
         let load = load(1);
         let (batcher, collector) = Batcher::start(engine, cfg, load.clone());
@@ -364,6 +391,36 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err, BatchError::Failed("the model panicked".into()));
+        drop(batcher);
+        collector.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wait_longer_than_the_delay_limit_is_shed_before_queueing() {
+        let engine = Arc::new(Echo {
+            batches: Mutex::new(vec![]),
+        });
+        let cfg = BatchConfig {
+            max_batch: 1,
+            max_delay: Duration::ZERO,
+            max_queue: 16,
+            workers: 1,
+            max_queue_delay: Some(Duration::from_millis(50)),
+        };
+        let load = load(1);
+        // Measured: 20 ms per item. Three requests held → 60 ms ahead of the next one.
+        load.observe_batch(1, Duration::from_millis(20));
+        let t = Instant::now();
+        for _ in 0..3 {
+            load.enqueued(t);
+        }
+        let (batcher, collector) = Batcher::start(engine, cfg, load.clone());
+        let refused = batcher.infer(Items::Texts(vec!["a".into()])).await;
+        assert_eq!(refused, Err(BatchError::TooSlow));
+        // Two held → 40 ms: admitted.
+        load.dequeued(1, 0, t);
+        let admitted = batcher.infer(Items::Texts(vec!["ab".into()])).await;
+        assert_eq!(admitted.unwrap(), vec![vec![2.0]]);
         drop(batcher);
         collector.await.unwrap();
     }

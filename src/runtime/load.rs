@@ -84,6 +84,8 @@ pub struct Load {
     queued: AtomicI64,
     inflight: AtomicI64,
     smoothed: Mutex<Smoothed>,
+    /// Seconds of compute per item (f64 bits), an exponential average over batches.
+    item_seconds: std::sync::atomic::AtomicU64,
     inflight_gauge: Gauge,
     queue_gauge: Gauge,
     load_gauge: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -104,6 +106,7 @@ impl Load {
             queued: AtomicI64::new(0),
             inflight: AtomicI64::new(0),
             smoothed: Mutex::new(Smoothed::new(now, SMOOTHING)),
+            item_seconds: std::sync::atomic::AtomicU64::new(0),
             inflight_gauge: Gauge::default(),
             queue_gauge: Gauge::default(),
             load_gauge: Gauge::default(),
@@ -171,6 +174,29 @@ impl Load {
     pub fn finished(&self, n: usize, now: Instant) {
         self.inflight.fetch_sub(n as i64, Ordering::SeqCst);
         self.changed(now);
+    }
+
+    /// A batch of `items` took `took` to compute.
+    pub fn observe_batch(&self, items: usize, took: Duration) {
+        if items == 0 {
+            return;
+        }
+        let sample = took.as_secs_f64() / items as f64;
+        let old = f64::from_bits(self.item_seconds.load(Ordering::Relaxed));
+        // The first sample sets the figure; later ones move it a fifth of the way.
+        let new = if old == 0.0 {
+            sample
+        } else {
+            old + (sample - old) * 0.2
+        };
+        self.item_seconds.store(new.to_bits(), Ordering::Relaxed);
+    }
+
+    /// How long a request arriving now would wait for the work ahead of it.
+    pub fn expected_wait(&self, workers: usize) -> Duration {
+        let per_item = f64::from_bits(self.item_seconds.load(Ordering::Relaxed));
+        let ahead = (self.queued() + self.inflight()).max(0) as f64;
+        Duration::from_secs_f64(ahead * per_item / workers.max(1) as f64)
     }
 
     /// (in-flight + queued) / capacity, unsmoothed.

@@ -104,6 +104,10 @@ pub struct Options {
     /// Requests that may wait beyond what the workers hold; more are shed with 503.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
+    /// Shed a request (503) when the work ahead of it would make it wait longer than this,
+    /// e.g. 25ms; 0s sheds only when the queue is full.
+    #[arg(long, default_value = "0s")]
+    pub max_queue_delay: KubeDuration,
     /// Forward passes at once (each uses every core).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -150,6 +154,7 @@ impl Options {
             max_delay: self.max_batch_delay.as_std(),
             max_queue: self.max_queue,
             workers: self.workers.max(1),
+            max_queue_delay: Some(self.max_queue_delay.as_std()).filter(|d| !d.is_zero()),
         }
     }
 

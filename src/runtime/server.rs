@@ -113,19 +113,22 @@ pub fn router(state: State, limits: &Limits) -> Router {
         .with_state(state)
 }
 
-/// Counts and times every inference request, whatever answered it (auth, shedding, timeout).
+/// Counts and times every inference request, whatever answered it (auth, shedding, timeout),
+/// and tells the client the server-side time.
 async fn record(Extract(state): Extract<State>, request: Request, next: Next) -> Response {
     let is_infer =
         request.method() == axum::http::Method::POST && request.uri().path().ends_with("/infer");
     let started = Instant::now();
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     if is_infer {
         let status = response.status().as_u16();
-        state.load.record(
-            status,
-            load::outcome(status),
-            started.elapsed().as_secs_f64(),
-        );
+        let seconds = started.elapsed().as_secs_f64();
+        state.load.record(status, load::outcome(status), seconds);
+        // W3C Server-Timing: the time inside the runtime (queueing included), so a client
+        // or load generator can tell server time from network time.
+        if let Ok(value) = HeaderValue::from_str(&format!("total;dur={:.3}", seconds * 1e3)) {
+            response.headers_mut().insert("server-timing", value);
+        }
     }
     response
 }
@@ -340,6 +343,9 @@ async fn run_infer(
     let rows = match state.batcher.infer(decoded.items).await {
         Ok(rows) => rows,
         Err(BatchError::Full) => return shed("the request queue is full; retry shortly"),
+        Err(BatchError::TooSlow) => {
+            return shed("the queue is longer than the delay limit; retry shortly");
+        }
         Err(BatchError::Closed) => {
             return shed("the runtime is shutting down; retry on another replica");
         }
