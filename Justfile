@@ -98,6 +98,41 @@ demo-build: fetch-model
     rm -rf target/artifacts/minilm-256
     cargo run --release -- build --source "{{model_dir}}" --architecture bert --profile memoryMiB=256,cpuCores=2 --name minilm --version 2.1.0 --out target/artifacts/minilm-256
 
+# The main job, locally: fetch all-MiniLM, build it for a 256 MiB device, serve it, send one infer request
+demo: demo-build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    artifact=target/artifacts/minilm-256
+    digest="sha256:$(sha256sum "$artifact/manifest.json" | cut -d' ' -f1)"
+    port=${KASMINA_DEMO_PORT:-18080}
+    ./target/release/kasmina serve --host 127.0.0.1 --port "$port" --artifact "$artifact" --expect-digest "$digest" &
+    server=$!
+    trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+    until curl -sf "http://127.0.0.1:$port/v2/health/ready" >/dev/null; do
+        kill -0 "$server" 2>/dev/null || { echo "kasmina serve exited"; exit 1; }
+        sleep 0.05
+    done
+    echo "== POST /v2/models/minilm/infer"
+    curl -sf "http://127.0.0.1:$port/v2/models/minilm/infer" \
+        -H 'Content-Type: application/json' \
+        -d '{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["Kasmina takes models to the edge."]}]}' \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin); o=r["outputs"][0]; print(r["model_name"], r["model_version"] + ":", o["name"], o["datatype"], "shape", o["shape"], "first values", [round(x, 4) for x in o["data"][:4]])'
+    echo "== GET /metrics (excerpt)"
+    curl -sf "http://127.0.0.1:$port/metrics" | grep -E '^kasmina_(capacity|cognitive_load|requests_total|cold_start_seconds)'
+
 # Builder benchmark on all-MiniLM: quantize throughput and RSS, size × quality per plan
 bench-build: fetch-model
     cargo bench --bench build
+
+# Runtime benchmark: all-MiniLM Q8_0 served on loopback, loaded by wrk (apt-get install wrk)
+bench-serve seconds="10": fetch-model
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk"; exit 1; }
+    cargo build --release
+    artifact=target/artifacts/minilm-q8_0
+    if [ ! -f "$artifact/manifest.json" ]; then
+        rm -rf "$artifact"
+        ./target/release/kasmina build --source "{{model_dir}}" --architecture bert --quantization q8_0 --name minilm --version 2.1.0 --out "$artifact"
+    fi
+    benches/serve/run.sh ./target/release/kasmina "$artifact" {{seconds}}

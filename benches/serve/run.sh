@@ -75,5 +75,5 @@ done
 stop
 echo
 echo "cold start (process start → ready, verify + load included): ${cold_on} ms"
-grep -o 'verify_ms=[0-9.]*\|load_ms=[0-9.]*' /tmp/kasmina-bench-serve.log | tr '\n' ' ' | sed 's/\x1b\[[0-9;]*m//g'
+sed 's/\x1b\[[0-9;]*m//g' /tmp/kasmina-bench-serve.log | grep -o 'verify_ms=[0-9.]*\|load_ms=[0-9.]*' | tr '\n' ' ' || true
 echo
