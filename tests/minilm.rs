@@ -75,7 +75,7 @@ fn load(dir: &Path) -> Bert {
     let (config, tokenizer) = gguf::bert_from_metadata(&loaded).unwrap();
     Bert::new(
         config,
-        &loaded.weights,
+        loaded.weights,
         tokenizer.as_bytes(),
         bert::DEFAULT_MAX_TOKENS,
     )
@@ -267,7 +267,11 @@ fn served_q8_0_matches_f32_over_http_and_through_tritonclient() {
     });
     for (i, (a, b)) in reference.iter().zip(&served).enumerate() {
         let c = cosine(a, b);
-        assert!(c >= 0.998, "served sentence {i} ({:?}): cosine {c}", sentences[i]);
+        assert!(
+            c >= 0.998,
+            "served sentence {i} ({:?}): cosine {c}",
+            sentences[i]
+        );
     }
 
     if python_has("numpy, tritonclient.http") {

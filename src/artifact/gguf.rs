@@ -180,6 +180,29 @@ pub struct Loaded {
     pub weights: Weights,
 }
 
+/// Reads every tensor of in-memory GGUF bytes, calling `release(offset, len)` with each
+/// tensor's byte range once it has been copied out, so a mapped file's pages can be given back
+/// as loading goes instead of all staying resident until the end.
+pub fn read_releasing(
+    bytes: &[u8],
+    mut release: impl FnMut(usize, usize),
+) -> Result<Loaded, Error> {
+    let mut reader = std::io::Cursor::new(bytes);
+    let content = gguf_file::Content::read(&mut reader)?;
+    let mut weights = Weights::default();
+    for (name, info) in &content.tensor_infos {
+        let tensor: QTensor = content.tensor(&mut reader, name, &Device::Cpu)?;
+        let dtype = info.ggml_dtype;
+        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        release((content.tensor_data_offset + info.offset) as usize, len);
+        weights.insert(name.clone(), std::sync::Arc::new(tensor));
+    }
+    Ok(Loaded {
+        metadata: content.metadata,
+        weights,
+    })
+}
+
 /// Reads every tensor of a GGUF stream.
 pub fn read(reader: &mut (impl Read + Seek)) -> Result<Loaded, Error> {
     let content = gguf_file::Content::read(reader)?;

@@ -135,11 +135,11 @@ impl Kind {
         Ok(match self {
             Kind::Bert { config, tokenizer } => Model::Bert(Box::new(Bert::new(
                 config.clone(),
-                weights,
+                weights.clone(),
                 tokenizer.as_bytes(),
                 bert::DEFAULT_MAX_TOKENS,
             )?)),
-            Kind::Mlp(config) => Model::Mlp(Mlp::new(config.clone(), weights)?),
+            Kind::Mlp(config) => Model::Mlp(Mlp::new(config.clone(), weights.clone())?),
         })
     }
 }
@@ -814,6 +814,22 @@ pub enum GgufBytes {
     Decrypted(Vec<u8>),
 }
 
+impl GgufBytes {
+    /// Gives a mapped range's pages back to the kernel (they stay in the page cache and are
+    /// read again if touched); decrypted bytes are freed as a whole when dropped instead.
+    pub fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        if let GgufBytes::Mapped(m) = self {
+            let len = len.min(m.len().saturating_sub(offset));
+            // SAFETY: the map is private and read-only, so dropping its pages loses nothing:
+            // a later access faults the same file contents back in.
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            };
+        }
+    }
+}
+
 impl std::ops::Deref for GgufBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -846,7 +862,12 @@ pub fn open_verified(
         return Err(stored_mismatch(manifest, &stored_digest));
     }
     let bytes = match (&manifest.stored.encryption, decrypt_key) {
-        (None, None) => GgufBytes::Mapped(mapped),
+        (None, None) => {
+            let bytes = GgufBytes::Mapped(mapped);
+            // Hashing touched every page; the load touches them again one tensor at a time.
+            bytes.release(0, bytes.len());
+            bytes
+        }
         (Some(_), Some(key)) => {
             let mut plain = Vec::with_capacity(manifest.gguf.bytes as usize);
             key.decrypt(&mapped[..], &mut plain)?;

@@ -133,10 +133,11 @@ pub struct Bert {
 pub const DEFAULT_MAX_TOKENS: usize = 256;
 
 impl Bert {
-    /// Assembles the model from GGUF-named weights and a `tokenizer.json`.
+    /// Assembles the model from GGUF-named weights and a `tokenizer.json`, consuming the
+    /// weights (pass a clone to keep them).
     pub fn new(
         config: BertConfig,
-        weights: &Weights,
+        mut weights: Weights,
         tokenizer_json: &[u8],
         max_tokens: usize,
     ) -> Result<Self> {
@@ -156,6 +157,7 @@ impl Bert {
             strategy: PaddingStrategy::BatchLongest,
             ..PaddingParams::default()
         }));
+        let weights = &mut weights;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = |s: &str| format!("blk.{i}.{s}");
@@ -172,10 +174,10 @@ impl Bert {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            word: weights.matmul("token_embd.weight", &[config.vocab_size, h])?,
+            word: weights.take_matmul("token_embd.weight", &[config.vocab_size, h])?,
             position: weights
-                .matmul("position_embd.weight", &[config.max_position_embeddings, h])?,
-            token_type: weights.matmul("token_types.weight", &[config.type_vocab_size, h])?,
+                .take_matmul("position_embd.weight", &[config.max_position_embeddings, h])?,
+            token_type: weights.take_matmul("token_types.weight", &[config.type_vocab_size, h])?,
             embed_norm: LayerNorm::load(weights, "token_embd_norm", h, eps)?,
             layers,
             tokenizer,

@@ -46,7 +46,8 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(config: MlpConfig, weights: &Weights) -> Result<Self> {
+    /// Assembles the model, consuming `weights` (pass a clone to keep them).
+    pub fn new(config: MlpConfig, mut weights: Weights) -> Result<Self> {
         if config.widths.len() < 2 {
             return Err(Error::Config("an MLP needs at least one layer".into()));
         }
@@ -54,7 +55,7 @@ impl Mlp {
             .widths
             .windows(2)
             .enumerate()
-            .map(|(i, w)| Linear::load(weights, &format!("mlp.{i}"), w[1], w[0]))
+            .map(|(i, w)| Linear::load(&mut weights, &format!("mlp.{i}"), w[1], w[0]))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { config, layers })
     }

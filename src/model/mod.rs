@@ -65,18 +65,26 @@ impl Weights {
         self.tensors.keys()
     }
 
-    /// The weight as an F32 tensor (dequantized if needed), checked against `shape`.
-    pub fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let q = self.get(name)?;
+    /// Removes a weight, checked against `shape`. Taking (not borrowing) lets a model being
+    /// assembled free each stored tensor as soon as its working form exists, so loading
+    /// never holds two copies of every weight.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Arc<QTensor>> {
+        let q = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| Error::MissingWeight(name.into()))?;
         check_shape(name, q.shape().dims(), shape)?;
-        Ok(q.dequantize(&Device::Cpu)?)
+        Ok(q)
     }
 
-    /// The weight as a matrix multiply: quantized kernels for quantized weights.
-    pub fn matmul(&self, name: &str, shape: &[usize]) -> Result<QMatMul> {
-        let q = self.get(name)?;
-        check_shape(name, q.shape().dims(), shape)?;
-        Ok(QMatMul::from_arc(q.clone())?)
+    /// Takes the weight as an F32 tensor (dequantized if needed).
+    pub fn take_dense(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.take(name, shape)?.dequantize(&Device::Cpu)?)
+    }
+
+    /// Takes the weight as a matrix multiply: quantized kernels for quantized weights.
+    pub fn take_matmul(&mut self, name: &str, shape: &[usize]) -> Result<QMatMul> {
+        Ok(QMatMul::from_arc(self.take(name, shape)?)?)
     }
 
     /// Total bytes of all weights as stored.
@@ -113,12 +121,17 @@ pub struct Linear {
 
 impl Linear {
     /// `{prefix}.weight` of shape `[out, in]` and `{prefix}.bias` of shape `[out]` if present.
-    pub fn load(weights: &Weights, prefix: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
+    pub fn load(
+        weights: &mut Weights,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Self> {
         let bias_name = format!("{prefix}.bias");
         Ok(Self {
-            weight: weights.matmul(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
+            weight: weights.take_matmul(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
             bias: if weights.contains(&bias_name) {
-                Some(weights.dense(&bias_name, &[out_dim])?)
+                Some(weights.take_dense(&bias_name, &[out_dim])?)
             } else {
                 None
             },
@@ -151,10 +164,10 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn load(weights: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+    pub fn load(weights: &mut Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: weights.dense(&format!("{prefix}.weight"), &[dim])?,
-            bias: weights.dense(&format!("{prefix}.bias"), &[dim])?,
+            weight: weights.take_dense(&format!("{prefix}.weight"), &[dim])?,
+            bias: weights.take_dense(&format!("{prefix}.bias"), &[dim])?,
             eps,
         })
     }

@@ -2,7 +2,6 @@
 //! load the GGUF into the forward pass the builder measured (`src/model`). Weights stay in
 //! their stored dtypes (quantized matmuls and embedding lookups), as the planner assumed.
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,20 +118,27 @@ pub fn open(
     timing.verify = started.elapsed();
 
     let started = Instant::now();
-    let loaded = gguf::read(&mut Cursor::new(&bytes[..]))?;
+    let loaded = gguf::read_releasing(&bytes, |offset, len| bytes.release(offset, len))?;
     drop(bytes);
     let manifest = &verified.manifest;
     let weight_bytes = loaded.weights.size_in_bytes();
-    let (engine, signature): (Arc<dyn Engine>, Signature) = match manifest.architecture.as_str() {
+    let (config, tokenizer) = match manifest.architecture.as_str() {
         "bert" => {
             let (config, tokenizer) = gguf::bert_from_metadata(&loaded)?;
+            (Some(config), tokenizer)
+        }
+        _ => (None, String::new()),
+    };
+    let mlp_config = match manifest.architecture.as_str() {
+        "mlp" => Some(gguf::mlp_from_metadata(&loaded)?),
+        _ => None,
+    };
+    // The model takes the weights, freeing each stored tensor once its working form exists.
+    let weights = loaded.weights;
+    let (engine, signature): (Arc<dyn Engine>, Signature) = match (config, mlp_config) {
+        (Some(config), _) => {
             let dimension = config.hidden_size;
-            let bert = Bert::new(
-                config,
-                &loaded.weights,
-                tokenizer.as_bytes(),
-                options.max_tokens,
-            )?;
+            let bert = Bert::new(config, weights, tokenizer.as_bytes(), options.max_tokens)?;
             (
                 Arc::new(BertEngine(bert)),
                 Signature::Text {
@@ -142,9 +148,8 @@ pub fn open(
                 },
             )
         }
-        "mlp" => {
-            let config = gguf::mlp_from_metadata(&loaded)?;
-            let mlp = Mlp::new(config, &loaded.weights)?;
+        (None, Some(config)) => {
+            let mlp = Mlp::new(config, weights)?;
             let signature = Signature::Tensor {
                 input: "input".into(),
                 output: "output".into(),
@@ -153,13 +158,13 @@ pub fn open(
             };
             (Arc::new(MlpEngine(mlp)), signature)
         }
-        other => {
+        (None, None) => {
             return Err(Error::Artifact(artifact::Error::Artifact(format!(
-                "architecture {other:?} cannot be served"
+                "architecture {:?} cannot be served",
+                manifest.architecture
             ))));
         }
     };
-    drop(loaded);
     timing.load = started.elapsed();
     Ok((
         ServedModel {

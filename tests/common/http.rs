@@ -100,5 +100,8 @@ pub async fn post(addr: SocketAddr, path: &str, body: &Value) -> Reply {
 
 /// The status of a GET, or None when nothing answers (yet).
 pub async fn get_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    http(addr, "GET", path, &[], b"").await.ok().map(|r| r.status)
+    http(addr, "GET", path, &[], b"")
+        .await
+        .ok()
+        .map(|r| r.status)
 }
