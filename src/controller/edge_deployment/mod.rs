@@ -2,6 +2,7 @@
 
 pub mod plan;
 pub mod reconcile;
+pub mod rollout;
 
 use std::sync::Arc;
 
