@@ -1,8 +1,10 @@
 //! The EdgeDeployment controller: revisions, artifacts, workloads and rollouts.
 
+pub mod analysis;
 pub mod plan;
 pub mod reconcile;
 pub mod rollout;
+pub mod traffic;
 
 use std::sync::Arc;
 

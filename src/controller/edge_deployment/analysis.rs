@@ -1,0 +1,267 @@
+//! Pure analysis of a revision over one interval: from two snapshots of its runtime pods'
+//! counters (summed over pods), the error rate, latency quantiles (as Prometheus'
+//! `histogram_quantile` computes them from bucket deltas) and the cognitive load; then the
+//! spec's checks, absolute and relative to the stable revision, into a rollout measurement.
+
+use crate::api::edge_deployment::{AnalysisMetric, MetricCheck};
+
+use super::rollout::Measurement;
+
+/// Counters of one revision at one scrape, summed over its pods.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// `kasmina_requests_total`, all codes.
+    pub requests: f64,
+    /// `kasmina_requests_total` with a 5xx code.
+    pub errors: f64,
+    /// `kasmina_request_duration_seconds_bucket`: (upper bound in seconds, cumulative count),
+    /// ascending, `+Inf` last.
+    pub buckets: Vec<(f64, f64)>,
+    /// `kasmina_cognitive_load`, averaged over the pods.
+    pub load: f64,
+}
+
+/// What one interval measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Window {
+    pub requests: f64,
+    pub error_rate: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub load: f64,
+}
+
+impl Window {
+    pub fn value(&self, metric: AnalysisMetric) -> f64 {
+        match metric {
+            AnalysisMetric::ErrorRate => self.error_rate,
+            AnalysisMetric::LatencyP50Ms => self.p50_ms,
+            AnalysisMetric::LatencyP95Ms => self.p95_ms,
+            AnalysisMetric::LatencyP99Ms => self.p99_ms,
+            AnalysisMetric::CognitiveLoad => self.load,
+        }
+    }
+}
+
+/// The interval between two snapshots; None without requests in it (nothing to judge).
+/// A counter that went down (a pod restarted) counts from zero, as Prometheus' `rate` does.
+pub fn window(before: &Snapshot, after: &Snapshot) -> Option<Window> {
+    let delta = |a: f64, b: f64| if b >= a { b - a } else { b };
+    let requests = delta(before.requests, after.requests);
+    if requests <= 0.0 {
+        return None;
+    }
+    let errors = delta(before.errors, after.errors).min(requests);
+    let buckets: Vec<(f64, f64)> = after
+        .buckets
+        .iter()
+        .map(|(le, count)| {
+            let prior = before
+                .buckets
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, delta(prior, *count))
+        })
+        .collect();
+    let q = |p| quantile(p, &buckets) * 1e3;
+    Some(Window {
+        requests,
+        error_rate: errors / requests,
+        p50_ms: q(0.50),
+        p95_ms: q(0.95),
+        p99_ms: q(0.99),
+        load: after.load,
+    })
+}
+
+/// `histogram_quantile`: linear interpolation inside the bucket holding the rank; a rank in
+/// the `+Inf` bucket answers the largest finite bound.
+pub fn quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
+    let Some(&(_, total)) = buckets.last() else {
+        return 0.0;
+    };
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return lower.0;
+            }
+            let (lo_bound, lo_count) = lower;
+            let inside = count - lo_count;
+            if inside <= 0.0 {
+                return le;
+            }
+            return lo_bound + (le - lo_bound) * (rank - lo_count) / inside;
+        }
+        lower = (le, count);
+    }
+    lower.0
+}
+
+/// Judges the candidate's window against the checks (and the stable revision's window for
+/// relative limits). Without candidate traffic the interval is inconclusive; a relative check
+/// without stable traffic is skipped (its absolute limit, if any, still applies).
+pub fn judge(
+    checks: &[MetricCheck],
+    candidate: Option<&Window>,
+    stable: Option<&Window>,
+) -> Measurement {
+    let Some(c) = candidate else {
+        return Measurement::Inconclusive;
+    };
+    let mut failures = vec![];
+    for check in checks {
+        let value = c.value(check.metric);
+        let name = metric_name(check.metric);
+        if let Some(max) = check.max
+            && value > max
+        {
+            failures.push(format!("{name} {} > {}", fmt(value), fmt(max)));
+        }
+        if let (Some(factor), Some(s)) = (check.max_relative_to_stable, stable) {
+            let base = s.value(check.metric);
+            // A zero baseline (no errors on stable) would make any candidate error fail; the
+            // absolute limit is the right tool there.
+            if base > 0.0 && value > base * factor {
+                failures.push(format!(
+                    "{name} {} > {factor}× stable {}",
+                    fmt(value),
+                    fmt(base)
+                ));
+            }
+        }
+    }
+    if failures.is_empty() {
+        Measurement::Pass
+    } else {
+        Measurement::Fail(failures.join("; "))
+    }
+}
+
+fn metric_name(m: AnalysisMetric) -> &'static str {
+    match m {
+        AnalysisMetric::ErrorRate => "error rate",
+        AnalysisMetric::LatencyP50Ms => "p50 latency ms",
+        AnalysisMetric::LatencyP95Ms => "p95 latency ms",
+        AnalysisMetric::LatencyP99Ms => "p99 latency ms",
+        AnalysisMetric::CognitiveLoad => "cognitive load",
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v.abs() >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(requests: f64, errors: f64, buckets: &[(f64, f64)], load: f64) -> Snapshot {
+        Snapshot {
+            requests,
+            errors,
+            buckets: buckets.to_vec(),
+            load,
+        }
+    }
+
+    fn check(metric: AnalysisMetric, max: Option<f64>, rel: Option<f64>) -> MetricCheck {
+        MetricCheck {
+            metric,
+            max,
+            max_relative_to_stable: rel,
+        }
+    }
+
+    #[test]
+    fn quantiles_interpolate_like_histogram_quantile() {
+        let b = [
+            (0.01, 50.0),
+            (0.02, 90.0),
+            (0.04, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert!((quantile(0.5, &b) - 0.01).abs() < 1e-12);
+        // Rank 70 lies halfway through the (0.01, 0.02] bucket.
+        assert!((quantile(0.7, &b) - 0.015).abs() < 1e-12);
+        assert!((quantile(0.99, &b) - 0.038).abs() < 1e-12);
+        // In +Inf: the largest finite bound.
+        let tail = [(0.01, 1.0), (f64::INFINITY, 10.0)];
+        assert_eq!(quantile(0.99, &tail), 0.01);
+        assert_eq!(quantile(0.5, &[]), 0.0);
+    }
+
+    #[test]
+    fn a_window_is_the_difference_of_two_scrapes() {
+        let before = snap(
+            100.0,
+            1.0,
+            &[(0.01, 90.0), (0.1, 100.0), (f64::INFINITY, 100.0)],
+            0.2,
+        );
+        let after = snap(
+            300.0,
+            21.0,
+            &[(0.01, 190.0), (0.1, 300.0), (f64::INFINITY, 300.0)],
+            0.7,
+        );
+        let w = window(&before, &after).unwrap();
+        assert_eq!(w.requests, 200.0);
+        assert!((w.error_rate - 0.1).abs() < 1e-12);
+        // 100 of 200 under 10 ms: the median is at the bucket edge.
+        assert!((w.p50_ms - 10.0).abs() < 1e-9, "{}", w.p50_ms);
+        assert_eq!(w.load, 0.7);
+        assert_eq!(
+            window(&after, &after),
+            None,
+            "no requests, nothing to judge"
+        );
+        // A restarted pod resets its counters: counted from zero.
+        let restarted = snap(50.0, 0.0, &[(0.01, 50.0), (f64::INFINITY, 50.0)], 0.1);
+        assert_eq!(window(&after, &restarted).unwrap().requests, 50.0);
+    }
+
+    #[test]
+    fn checks_fail_on_absolute_and_relative_limits() {
+        let w = |err, p99| Window {
+            requests: 100.0,
+            error_rate: err,
+            p50_ms: 5.0,
+            p95_ms: 10.0,
+            p99_ms: p99,
+            load: 0.5,
+        };
+        let checks = vec![
+            check(AnalysisMetric::ErrorRate, Some(0.05), None),
+            check(AnalysisMetric::LatencyP99Ms, Some(200.0), Some(1.5)),
+        ];
+        assert_eq!(
+            judge(&checks, Some(&w(0.01, 40.0)), Some(&w(0.0, 30.0))),
+            Measurement::Pass
+        );
+        let Measurement::Fail(why) = judge(&checks, Some(&w(0.2, 50.0)), Some(&w(0.0, 30.0)))
+        else {
+            panic!("should fail")
+        };
+        assert!(why.contains("error rate 0.200 > 0.050"), "{why}");
+        assert!(why.contains("p99 latency ms 50 > 1.5× stable 30"), "{why}");
+        assert_eq!(judge(&checks, None, None), Measurement::Inconclusive);
+        // No stable traffic: only the absolute limit applies.
+        assert_eq!(judge(&checks, Some(&w(0.0, 90.0)), None), Measurement::Pass);
+        let cognitive = [check(AnalysisMetric::CognitiveLoad, Some(0.4), None)];
+        assert!(matches!(
+            judge(&cognitive, Some(&w(0.0, 1.0)), None),
+            Measurement::Fail(_)
+        ));
+    }
+}
