@@ -124,6 +124,10 @@ demo: demo-build
 bench-build: fetch-model
     cargo bench --bench build
 
+# Rollout simulation (good and bad canary) and the cost of the rollout decision for 1,000 objects
+sim-rollout:
+    cargo bench --bench rollout
+
 # Runtime benchmark: all-MiniLM Q8_0 served on loopback, loaded by wrk (apt-get install wrk)
 bench-serve seconds="10": fetch-model
     #!/usr/bin/env bash

@@ -44,6 +44,42 @@ pub struct Strategy {
     pub failure_limit: u32,
 }
 
+impl Strategy {
+    /// The state machine's view of `spec.strategy`.
+    pub fn from_spec(spec: &crate::api::edge_deployment::StrategySpec) -> Self {
+        use crate::api::edge_deployment::{CanaryStep, StrategyType};
+        let kind = match spec.type_ {
+            StrategyType::Rolling => Kind::Rolling,
+            StrategyType::BlueGreen => {
+                let bg = spec.blue_green.clone().unwrap_or_default();
+                Kind::BlueGreen {
+                    auto_promote: bg.auto_promote,
+                    scale_down_delay: Seconds::from(bg.scale_down_delay_seconds),
+                    pre_promotion_analysis: bg.pre_promotion_analysis,
+                }
+            }
+            StrategyType::Canary => Kind::Canary {
+                steps: spec
+                    .canary
+                    .iter()
+                    .flat_map(|c| &c.steps)
+                    .map(|step| match step {
+                        CanaryStep::SetWeight(w) => Step::SetWeight((*w).clamp(0, 100) as u8),
+                        CanaryStep::Pause(p) => {
+                            Step::Pause(p.duration.map(|d| d.as_std().as_secs() as Seconds))
+                        }
+                        CanaryStep::Analysis(a) => Step::Analysis(a.iterations.unwrap_or(1)),
+                    })
+                    .collect(),
+            },
+        };
+        Self {
+            kind,
+            failure_limit: spec.analysis.as_ref().map_or(0, |a| a.failure_limit),
+        }
+    }
+}
+
 /// What the user asked for through an annotation or `kubectl kasmina`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
