@@ -341,19 +341,25 @@ fn keygen(out: &std::path::Path, encryption: bool) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(options: runtime::Options) -> Result<ExitCode, String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// Runs a long-lived service (controller, runtime) on a multi-threaded async runtime.
+fn run_service<E: std::error::Error>(
+    service: impl Future<Output = Result<(), E>>,
+) -> Result<ExitCode, String> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("starting the async runtime: {e}"))?;
-    runtime
-        .block_on(async {
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
-            runtime::run(options, shutdown).await
-        })
+        .map_err(|e| format!("starting the async runtime: {e}"))?
+        .block_on(service)
         .map_err(|e| error_chain(&e))?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn serve(options: runtime::Options) -> Result<ExitCode, String> {
+    run_service(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
+        runtime::run(options, shutdown).await
+    })
 }
 
 fn token(key: &std::path::Path, request: &runtime::auth::TokenRequest) -> Result<ExitCode, String> {
@@ -364,14 +370,7 @@ fn token(key: &std::path::Path, request: &runtime::auth::TokenRequest) -> Result
 }
 
 fn run_controller(config: controller::Config) -> Result<ExitCode, String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the async runtime: {e}"))?;
-    runtime
-        .block_on(controller::run(config))
-        .map_err(|e| error_chain(&e))?;
-    Ok(ExitCode::SUCCESS)
+    run_service(controller::run(config))
 }
 
 fn crdgen(out_dirs: &[PathBuf]) -> Result<ExitCode, String> {

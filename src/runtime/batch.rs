@@ -47,7 +47,7 @@ impl BatchConfig {
     }
 }
 
-#[derive(Debug, PartialEq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum BatchError {
     #[error("the request queue is full")]
     Full,
@@ -212,17 +212,6 @@ fn run(engine: &dyn Engine, jobs: Vec<Job>, load: &Load) {
             for reply in replies {
                 let _ = reply.send(Err(error.clone()));
             }
-        }
-    }
-}
-
-impl Clone for BatchError {
-    fn clone(&self) -> Self {
-        match self {
-            BatchError::Full => BatchError::Full,
-            BatchError::TooSlow => BatchError::TooSlow,
-            BatchError::Closed => BatchError::Closed,
-            BatchError::Failed(m) => BatchError::Failed(m.clone()),
         }
     }
 }

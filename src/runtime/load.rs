@@ -215,10 +215,7 @@ impl Load {
 
     /// Brings the smoothed gauge up to `now`; called before every scrape.
     pub fn refresh(&self, now: Instant) -> f64 {
-        let value = match self.smoothed.lock() {
-            Ok(s) => s.value_at(now),
-            Err(poisoned) => poisoned.into_inner().value_at(now),
-        };
+        let value = self.smoothed().value_at(now);
         self.load_gauge.set(value);
         value
     }
@@ -239,16 +236,20 @@ impl Load {
             .observe(seconds);
     }
 
+    /// The average, whatever a panicking holder left: it is plain numbers, always usable.
+    fn smoothed(&self) -> std::sync::MutexGuard<'_, Smoothed> {
+        self.smoothed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn changed(&self, now: Instant) {
         let queued = self.queued.load(Ordering::SeqCst).max(0);
         let inflight = self.inflight.load(Ordering::SeqCst).max(0);
         self.queue_gauge.set(queued);
         self.inflight_gauge.set(inflight);
         let current = self.instant_load();
-        let mut smoothed = match self.smoothed.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut smoothed = self.smoothed();
         smoothed.set(current, now);
         self.load_gauge.set(smoothed.value_at(now));
     }

@@ -452,13 +452,21 @@ pub fn encode(
 ) -> Encoded {
     let width = signature.output_width();
     let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-    let bytes = flat.len() * 4;
+    // Binary: the values follow the JSON as little-endian FP32; JSON: they go in `data`.
+    let (data, raw) = if binary {
+        let raw: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
+        (None, Some(raw))
+    } else {
+        (Some(flat), None)
+    };
     let output = ResponseOutput {
         name: signature.output_name(),
         datatype: "FP32",
         shape: [rows.len(), width],
-        data: (!binary).then(|| flat.clone()),
-        parameters: binary.then(|| serde_json::json!({ "binary_data_size": bytes })),
+        data,
+        parameters: raw
+            .as_ref()
+            .map(|raw| serde_json::json!({ "binary_data_size": raw.len() })),
     };
     let response = InferResponse {
         model_name: model,
@@ -468,22 +476,12 @@ pub fn encode(
     };
     // Serializing plain structs of strings and finite floats cannot fail.
     let mut body = serde_json::to_vec(&response).unwrap_or_default();
-    if binary {
+    let json_length = raw.map(|raw| {
         let json_length = body.len();
-        body.reserve(bytes);
-        for v in &flat {
-            body.extend_from_slice(&v.to_le_bytes());
-        }
-        Encoded {
-            body,
-            json_length: Some(json_length),
-        }
-    } else {
-        Encoded {
-            body,
-            json_length: None,
-        }
-    }
+        body.extend_from_slice(&raw);
+        json_length
+    });
+    Encoded { body, json_length }
 }
 
 #[cfg(test)]

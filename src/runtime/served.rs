@@ -122,23 +122,17 @@ pub fn open(
     drop(bytes);
     let manifest = &verified.manifest;
     let weight_bytes = loaded.weights.size_in_bytes();
-    let (config, tokenizer) = match manifest.architecture.as_str() {
+    // The model takes the weights, freeing each stored tensor once its working form exists.
+    let (engine, signature): (Arc<dyn Engine>, Signature) = match manifest.architecture.as_str() {
         "bert" => {
             let (config, tokenizer) = gguf::bert_from_metadata(&loaded)?;
-            (Some(config), tokenizer)
-        }
-        _ => (None, String::new()),
-    };
-    let mlp_config = match manifest.architecture.as_str() {
-        "mlp" => Some(gguf::mlp_from_metadata(&loaded)?),
-        _ => None,
-    };
-    // The model takes the weights, freeing each stored tensor once its working form exists.
-    let weights = loaded.weights;
-    let (engine, signature): (Arc<dyn Engine>, Signature) = match (config, mlp_config) {
-        (Some(config), _) => {
             let dimension = config.hidden_size;
-            let bert = Bert::new(config, weights, tokenizer.as_bytes(), options.max_tokens)?;
+            let bert = Bert::new(
+                config,
+                loaded.weights,
+                tokenizer.as_bytes(),
+                options.max_tokens,
+            )?;
             (
                 Arc::new(BertEngine(bert)),
                 Signature::Text {
@@ -148,8 +142,9 @@ pub fn open(
                 },
             )
         }
-        (None, Some(config)) => {
-            let mlp = Mlp::new(config, weights)?;
+        "mlp" => {
+            let config = gguf::mlp_from_metadata(&loaded)?;
+            let mlp = Mlp::new(config, loaded.weights)?;
             let signature = Signature::Tensor {
                 input: "input".into(),
                 output: "output".into(),
@@ -158,10 +153,9 @@ pub fn open(
             };
             (Arc::new(MlpEngine(mlp)), signature)
         }
-        (None, None) => {
+        other => {
             return Err(Error::Artifact(artifact::Error::Artifact(format!(
-                "architecture {:?} cannot be served",
-                manifest.architecture
+                "architecture {other:?} cannot be served"
             ))));
         }
     };
