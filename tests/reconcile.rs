@@ -1,6 +1,6 @@
 //! One reconcile per controller against a scripted API server (tower-test, the kube-rs
-//! `controller-rs` fixtures pattern): the exact requests, the exact status patch, and no write
-//! at all in steady state.
+//! `controller-rs` fixtures pattern): the exact requests and the exact status patch. The
+//! EdgeDeployment controller has its own suite in tests/edge_deployment.rs.
 
 use std::sync::Arc;
 
@@ -12,9 +12,7 @@ use kasmina::api::{ComplianceProfile, EdgeDeployment, ScalingPolicy};
 use kasmina::controller::compliance_profile::reconcile::ComplianceContext;
 use kasmina::controller::context::{Context, FixedClock, Metrics};
 use kasmina::controller::leader::{LeaderElector, LeaseTiming, Observed};
-use kasmina::controller::{
-    compliance_profile, edge_deployment, ensure_crds_installed, scaling_policy,
-};
+use kasmina::controller::{compliance_profile, ensure_crds_installed, scaling_policy};
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::reflector;
@@ -105,81 +103,6 @@ fn edge_deployment() -> EdgeDeployment {
 
 fn echo(body: &Value) -> Value {
     body.clone()
-}
-
-#[tokio::test]
-async fn edge_deployment_first_reconcile_writes_pending_status_and_an_event() {
-    let (ctx, mut server) = context();
-    let ed = edge_deployment();
-    let answered = ed.clone();
-    let reconcile = tokio::spawn(edge_deployment::reconcile::reconcile(Arc::new(ed), ctx));
-
-    let (query, patch) = server
-        .expect(
-            Method::PATCH,
-            "/apis/kasmina.dev/v1alpha1/namespaces/ml/edgedeployments/sentiment/status",
-            StatusCode::OK,
-            |_| serde_json::to_value(&answered).unwrap(),
-        )
-        .await;
-    assert!(
-        query.contains("fieldManager=kasmina") && query.contains("force=true"),
-        "{query}"
-    );
-    let message = "revision 150443d04bafa5a4 accepted; waiting for its artifact build";
-    assert_eq!(
-        patch,
-        json!({
-            "apiVersion": "kasmina.dev/v1alpha1", "kind": "EdgeDeployment",
-            "status": {
-                "observedGeneration": 4,
-                "phase": "Pending",
-                "targetRevision": "150443d04bafa5a4",
-                "replicas": 0,
-                "readyReplicas": 0,
-                "selector": "kasmina.dev/edge-deployment=sentiment",
-                "conditions": [
-                    {"type": "Ready", "status": "False", "reason": "AwaitingArtifact", "message": message,
-                     "observedGeneration": 4, "lastTransitionTime": NOW_TEXT},
-                    {"type": "Progressing", "status": "True", "reason": "NewRevision", "message": message,
-                     "observedGeneration": 4, "lastTransitionTime": NOW_TEXT},
-                ],
-            }
-        })
-    );
-    let (_, event) = server
-        .expect(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/ml/events",
-            StatusCode::CREATED,
-            echo,
-        )
-        .await;
-    assert_eq!(event["reason"], "NewRevision");
-    assert_eq!(event["type"], "Normal");
-    assert_eq!(
-        event["note"],
-        "revision 150443d04bafa5a4 for model minilm 2.1.0"
-    );
-    reconcile.await.unwrap().unwrap();
-    server.assert_idle();
-}
-
-#[tokio::test]
-async fn edge_deployment_steady_state_makes_no_request() {
-    let (ctx, mut server) = context();
-    let mut ed = edge_deployment();
-    ed.status =
-        Some(edge_deployment::plan::plan(&ed, Timestamp::from_second(NOW - 3600).unwrap()).status);
-    // A request would block the reconcile waiting for an answer, so whichever finishes first
-    // tells: the reconcile (no request) or the API server (a request).
-    tokio::select! {
-        biased;
-        result = edge_deployment::reconcile::reconcile(Arc::new(ed), ctx) => { result.unwrap(); }
-        Some((request, _)) = server.0.next_request() => {
-            panic!("steady state wrote: {} {}", request.method(), request.uri())
-        }
-    }
 }
 
 #[tokio::test]

@@ -78,6 +78,16 @@ pub struct EdgeDeploymentSpec {
     /// Stop rollout progress where it is; traffic stays as it is until resumed.
     #[serde(default)]
     pub paused: bool,
+
+    /// Built revisions remembered in status (their artifacts are reused when the spec returns
+    /// to them, e.g. after a revert in git).
+    #[serde(default = "default_revision_history_limit")]
+    #[schemars(range(min = 1, max = 10))]
+    pub revision_history_limit: u32,
+}
+
+fn default_revision_history_limit() -> u32 {
+    5
 }
 
 fn default_replicas() -> i32 {
@@ -552,6 +562,127 @@ pub struct EdgeDeploymentStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10))]
     pub history: Vec<RolloutRecord>,
+
+    /// The rollout's state machine, persisted so a restarted controller resumes at the same
+    /// step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutState>,
+
+    /// Built revisions and their artifacts, newest first (bounded by
+    /// `spec.revisionHistoryLimit`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub revisions: Vec<RevisionRecord>,
+
+    /// The candidate's metric analysis while a rollout runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisStatus>,
+}
+
+/// The rollout state machine's memory.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutState {
+    /// The revision serving; unset before the first one is up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<String>,
+    /// The revision being rolled out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
+    /// When the candidate's rollout started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// Index of the canary step being run.
+    #[serde(default)]
+    pub step: u32,
+    /// When the current step (or the rollout) started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<Time>,
+    /// Percent of traffic the strategy asks for on the candidate.
+    #[serde(default)]
+    pub weight: u8,
+    /// Passing analysis measurements in the current step.
+    #[serde(default)]
+    pub passed: u32,
+    /// Failed analysis measurements in this rollout.
+    #[serde(default)]
+    pub failed: u32,
+    /// The previous stable revision, kept running until `scaleDownAt` for an instant rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down_at: Option<Time>,
+    /// A revision that was rolled back; it is not tried again until `retry` or a new target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted: Option<String>,
+    /// Paused by command (as opposed to `spec.paused`).
+    #[serde(default)]
+    pub paused: bool,
+    /// The last imperative command consumed (`verb@value` of its annotation), so a command is
+    /// acted on once even if removing the annotation fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_command: Option<String>,
+}
+
+/// A built revision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionRecord {
+    /// The revision hash.
+    pub name: String,
+    /// `spec.model.version` of the revision.
+    pub model_version: String,
+    /// The artifact built for it.
+    pub artifact: ArtifactStatus,
+}
+
+/// Analysis of the candidate revision.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisStatus {
+    /// The revision measured.
+    pub revision: String,
+    /// The last measurement: `Passed`, `Failed` or `Inconclusive`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_result: Option<String>,
+    /// What the last measurement saw, in words.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// The metric values of the last conclusive measurement, by metric name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, f64>,
+    /// Counters at the start of the interval being measured, so a restart loses no interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<AnalysisBaseline>,
+}
+
+/// Counters of the candidate and stable revisions at the start of an interval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisBaseline {
+    pub at: Time,
+    pub candidate: Counters,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<Counters>,
+}
+
+/// Request counters of one revision, summed over its pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Counters {
+    pub requests: f64,
+    pub errors: f64,
+    /// Cumulative latency histogram buckets, ascending, `+Inf` last.
+    #[serde(default)]
+    pub buckets: Vec<Bucket>,
+}
+
+/// One cumulative histogram bucket.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Bucket {
+    /// Upper bound in seconds, or `+Inf`.
+    pub le: String,
+    pub count: f64,
 }
 
 /// A one-word summary of an EdgeDeployment.

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{GROUP, VERSION};
 use crate::telemetry::{self, Health};
 use context::{Context, Metrics, SystemClock};
+use edge_deployment::workload::Settings;
 use leader::{Held, LeaderElector, LeaseTiming};
 
 /// Settings of `kasmina controller`.
@@ -56,6 +57,24 @@ pub struct Config {
     /// How often the leader renews and standbys look at the lease.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub retry_period: std::time::Duration,
+
+    /// The image of build Jobs and runtime pods (it holds `kasmina build` and `kasmina serve`);
+    /// the chart sets it to the operator's own image.
+    #[arg(long, env = "KASMINA_IMAGE", default_value = concat!("kasmina:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
+
+    /// Where built artifacts are stored: `s3://`, `gs://`, `az://` prefix, or `file:///path`
+    /// on the nodes (single-node clusters and devices).
+    #[arg(
+        long,
+        env = "KASMINA_ARTIFACT_STORE",
+        default_value = "file:///var/lib/kasmina/artifacts"
+    )]
+    pub artifact_store: String,
+
+    /// A Secret, in each EdgeDeployment's namespace, with the artifact store's credentials.
+    #[arg(long, env = "KASMINA_ARTIFACT_STORE_SECRET")]
+    pub artifact_store_secret: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -92,7 +111,12 @@ pub enum Error {
 /// Every API permission the operator's code uses: (API group, resource, verbs). The Helm
 /// chart's RBAC grants exactly these, which `tests/chart.rs` checks.
 pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
-    ("kasmina.dev", "edgedeployments", &["get", "list", "watch"]),
+    // patch: only to remove consumed command annotations (never `spec`).
+    (
+        "kasmina.dev",
+        "edgedeployments",
+        &["get", "list", "watch", "patch"],
+    ),
     ("kasmina.dev", "scalingpolicies", &["get", "list", "watch"]),
     (
         "kasmina.dev",
@@ -103,6 +127,28 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("kasmina.dev", "scalingpolicies/status", &["patch"]),
     ("kasmina.dev", "complianceprofiles/status", &["patch"]),
     ("", "namespaces", &["list", "watch"]),
+    // Children of EdgeDeployments.
+    (
+        "batch",
+        "jobs",
+        &["get", "list", "watch", "create", "patch", "delete"],
+    ),
+    (
+        "apps",
+        "deployments",
+        &["get", "list", "watch", "create", "patch", "delete"],
+    ),
+    (
+        "",
+        "services",
+        &["get", "list", "watch", "create", "patch", "delete"],
+    ),
+    // Build pods' termination messages and runtime pods' IPs for analysis scrapes.
+    ("", "pods", &["list"]),
+    // `optimization.profile: auto` plans for the smallest selected node.
+    ("", "nodes", &["list"]),
+    // Canary weights through a user's HTTPRoute.
+    ("gateway.networking.k8s.io", "httproutes", &["get", "patch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
     // Namespaced to the operator's own namespace (a Role, not a ClusterRole).
     (
@@ -174,6 +220,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     health.set_ready(true);
 
     let identity = config.identity.clone().unwrap_or_else(default_identity);
+    let settings = Settings {
+        image: config.image.clone(),
+        artifact_store: config.artifact_store.clone(),
+        artifact_store_secret: config.artifact_store_secret.clone(),
+    };
     let clock = Arc::new(SystemClock);
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -200,10 +251,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
             timing,
             clock,
         );
-        lead(&elector, ctx, &metrics, &shutdown).await
+        lead(&elector, ctx, settings, &metrics, &shutdown).await
     } else {
         metrics.set_leader(true);
-        run_controllers(ctx, shutdown.clone()).await;
+        run_controllers(ctx, settings, shutdown.clone()).await;
         Ok(())
     };
 
@@ -219,6 +270,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
 async fn lead(
     elector: &LeaderElector,
     ctx: Arc<Context>,
+    settings: Settings,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
@@ -227,7 +279,7 @@ async fn lead(
     }
     metrics.set_leader(true);
     let leading = shutdown.child_token();
-    let controllers = tokio::spawn(run_controllers(ctx, leading.clone()));
+    let controllers = tokio::spawn(run_controllers(ctx, settings, leading.clone()));
     let held = elector.hold(&leading).await;
     // Stop reconciling first (running reconciles finish), then hand the lease over.
     leading.cancel();
@@ -245,10 +297,14 @@ async fn lead(
 }
 
 /// Runs the three controllers until `stop` fires, then lets their running reconciles finish.
-async fn run_controllers(ctx: Arc<Context>, stop: CancellationToken) {
+async fn run_controllers(ctx: Arc<Context>, settings: Settings, stop: CancellationToken) {
     tracing::info!("starting controllers");
+    let edge = Arc::new(edge_deployment::reconcile::EdgeContext::new(
+        ctx.clone(),
+        settings,
+    ));
     tokio::join!(
-        edge_deployment::run(ctx.clone(), stop.clone().cancelled_owned()),
+        edge_deployment::run(edge, stop.clone().cancelled_owned()),
         scaling_policy::run(ctx.clone(), stop.clone().cancelled_owned()),
         compliance_profile::run(ctx, stop.cancelled_owned()),
     );

@@ -3,7 +3,12 @@
 //! `histogram_quantile` computes them from bucket deltas) and the cognitive load; then the
 //! spec's checks, absolute and relative to the stable revision, into a rollout measurement.
 
-use crate::api::edge_deployment::{AnalysisMetric, MetricCheck};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::edge_deployment::{
+    AnalysisBaseline, AnalysisMetric, AnalysisSpec, AnalysisStatus, Bucket, Counters, MetricCheck,
+};
 
 use super::rollout::Measurement;
 
@@ -141,6 +146,149 @@ pub fn judge(
         Measurement::Pass
     } else {
         Measurement::Fail(failures.join("; "))
+    }
+}
+
+impl Snapshot {
+    /// The counters kept in status as the next interval's baseline.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            requests: self.requests,
+            errors: self.errors,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|&(le, count)| Bucket {
+                    le: if le.is_infinite() {
+                        "+Inf".into()
+                    } else {
+                        le.to_string()
+                    },
+                    count,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn from_counters(c: &Counters) -> Self {
+        Self {
+            requests: c.requests,
+            errors: c.errors,
+            buckets: c
+                .buckets
+                .iter()
+                .filter_map(|b| {
+                    let le = if b.le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        b.le.parse().ok()?
+                    };
+                    Some((le, b.count))
+                })
+                .collect(),
+            load: 0.0,
+        }
+    }
+}
+
+/// Whether the candidate is due a scrape: no baseline for it yet, or an interval has passed.
+pub fn due(
+    spec: Option<&AnalysisSpec>,
+    prior: Option<&AnalysisStatus>,
+    candidate: &str,
+    now: Timestamp,
+) -> bool {
+    let Some(spec) = spec else { return false };
+    match prior
+        .filter(|p| p.revision == candidate)
+        .and_then(|p| p.baseline.as_ref())
+    {
+        None => true,
+        Some(b) => now.as_second() >= b.at.0.as_second() + spec.interval.as_std().as_secs() as i64,
+    }
+}
+
+/// Seconds until the candidate's next measurement.
+pub fn next_in(spec: &AnalysisSpec, prior: Option<&AnalysisStatus>, now: Timestamp) -> i64 {
+    let interval = spec.interval.as_std().as_secs() as i64;
+    prior
+        .and_then(|p| p.baseline.as_ref())
+        .map_or(interval, |b| {
+            (b.at.0.as_second() + interval - now.as_second()).clamp(1, interval)
+        })
+}
+
+/// One analysis step: with a baseline for `candidate`, judges the interval since it and starts
+/// the next one; without, only records the baseline (no measurement).
+pub fn measure(
+    spec: &AnalysisSpec,
+    candidate_rev: &str,
+    prior: Option<&AnalysisStatus>,
+    candidate: Option<&Snapshot>,
+    stable: Option<&Snapshot>,
+    now: Timestamp,
+) -> (Option<Measurement>, AnalysisStatus) {
+    let mut status = prior
+        .filter(|p| p.revision == candidate_rev)
+        .cloned()
+        .unwrap_or_else(|| AnalysisStatus {
+            revision: candidate_rev.to_owned(),
+            ..AnalysisStatus::default()
+        });
+    let baseline = status.baseline.take();
+    status.baseline = candidate.map(|c| AnalysisBaseline {
+        at: Time(now),
+        candidate: c.counters(),
+        stable: stable.map(Snapshot::counters),
+    });
+    let Some(baseline) = baseline else {
+        return (None, status);
+    };
+    let windows = candidate.map(|c| {
+        let cw = window(&Snapshot::from_counters(&baseline.candidate), c);
+        let sw = match (&baseline.stable, stable) {
+            (Some(before), Some(after)) => window(&Snapshot::from_counters(before), after),
+            _ => None,
+        };
+        (cw, sw)
+    });
+    let (cw, sw) = windows.unwrap_or((None, None));
+    let measurement = judge(&spec.checks, cw.as_ref(), sw.as_ref());
+    status.last_result = Some(
+        match measurement {
+            Measurement::Pass => "Passed",
+            Measurement::Fail(_) => "Failed",
+            Measurement::Inconclusive => "Inconclusive",
+        }
+        .into(),
+    );
+    status.message = match (&measurement, &cw) {
+        (Measurement::Fail(why), _) => why.clone(),
+        (_, Some(w)) => format!("{:.0} requests, all checks within limits", w.requests),
+        (_, None) if candidate.is_none() => "no runtime pod of the candidate answered".into(),
+        (_, None) => "no requests to the candidate in the interval".into(),
+    };
+    if let Some(w) = &cw {
+        status.values = spec
+            .checks
+            .iter()
+            .map(|c| (metric_key(c.metric).to_owned(), round(w.value(c.metric))))
+            .collect();
+    }
+    (Some(measurement), status)
+}
+
+fn round(v: f64) -> f64 {
+    (v * 1e4).round() / 1e4
+}
+
+fn metric_key(m: AnalysisMetric) -> &'static str {
+    match m {
+        AnalysisMetric::ErrorRate => "errorRate",
+        AnalysisMetric::LatencyP50Ms => "latencyP50Ms",
+        AnalysisMetric::LatencyP95Ms => "latencyP95Ms",
+        AnalysisMetric::LatencyP99Ms => "latencyP99Ms",
+        AnalysisMetric::CognitiveLoad => "cognitiveLoad",
     }
 }
 

@@ -4,21 +4,36 @@ pub mod analysis;
 pub mod plan;
 pub mod reconcile;
 pub mod rollout;
+pub mod scrape;
 pub mod traffic;
+pub mod workload;
 
 use std::sync::Arc;
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use kube::runtime::{Controller, watcher};
 
-use super::context::Context;
 use crate::api::EdgeDeployment;
+use reconcile::EdgeContext;
 
 /// Runs the controller until `shutdown` resolves, letting running reconciles finish.
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let api: Api<EdgeDeployment> = Api::all(ctx.client.clone());
+pub async fn run(
+    ctx: Arc<EdgeContext>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.base.client.clone();
+    let api: Api<EdgeDeployment> = Api::all(client.clone());
+    // Children wake their owner: a Job finishing, a Deployment becoming available, a Service
+    // edited by hand (and put back).
+    let owned = || watcher::Config::default().labels(workload::NAME_LABEL);
     Controller::new(api, watcher::Config::default().any_semantic())
+        .owns(Api::<Job>::all(client.clone()), owned())
+        .owns(Api::<Deployment>::all(client.clone()), owned())
+        .owns(Api::<Service>::all(client), owned())
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {

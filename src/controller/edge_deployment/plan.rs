@@ -1,28 +1,50 @@
-//! Pure: from an EdgeDeployment and the time, the status it should have and the Events worth
-//! publishing. No I/O here, so every decision is table-tested.
+//! Pure: from an EdgeDeployment, what the reconciler observed and the time — the children to
+//! apply or delete, the status to write and the Events worth publishing. No I/O here, so every
+//! decision is table-tested; the rollout itself is `rollout::decide`.
 
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
+use serde_json::Value;
 
-use crate::api::condition::{self, ConditionStatus};
+use super::analysis;
+use super::rollout::{self, Command, Measurement, Outcome, Seconds, State, Strategy};
+use super::traffic;
+use super::workload::{self, REVISION_LABEL, Settings};
+use crate::api::condition::{self, Condition, ConditionStatus};
 use crate::api::edge_deployment::{
-    EdgeDeployment, EdgeDeploymentSpec, EdgeDeploymentStatus, Phase,
+    AnalysisStatus, ArtifactStatus, DeviceProfile, EdgeDeployment, EdgeDeploymentSpec,
+    EdgeDeploymentStatus, Phase, RevisionRecord, RolloutOutcome, RolloutRecord, RolloutState,
+    StrategyType,
 };
 use crate::controller::context::Notice;
 use crate::controller::status::condition as cond;
 
-/// Label on every runtime pod of an EdgeDeployment; the scale subresource selects on it.
-pub const NAME_LABEL: &str = "kasmina.dev/edge-deployment";
+pub use super::workload::NAME_LABEL;
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
+pub const ARTIFACT_READY: &str = "ArtifactReady";
+pub const ANALYSIS_PASSING: &str = "AnalysisPassing";
+/// Owned by the ComplianceProfile controller; read here, never written.
+pub const COMPLIANT: &str = "Compliant";
+/// The conditions this controller owns (server-side apply keeps the others' entries).
+const OWN_CONDITIONS: [&str; 4] = [READY, PROGRESSING, ARTIFACT_READY, ANALYSIS_PASSING];
 
-/// What the reconciler should write and say.
-#[derive(Debug, PartialEq)]
-pub struct Plan {
-    pub status: EdgeDeploymentStatus,
-    pub notices: Vec<Notice>,
-}
+/// Annotations a user (or `kubectl kasmina`) sets to act on a rollout; consumed and removed.
+pub const COMMANDS: [(&str, Command); 5] = [
+    ("kasmina.dev/abort", Command::Abort),
+    ("kasmina.dev/retry", Command::Retry),
+    ("kasmina.dev/pause", Command::Pause),
+    ("kasmina.dev/resume", Command::Resume),
+    ("kasmina.dev/promote", Command::Promote),
+];
 
 /// The revision a spec asks for: a stable hash of what changes the artifact or the pods
 /// (model, optimization, template). Replicas, strategy and pause do not start a new revision.
@@ -34,98 +56,942 @@ pub fn revision(spec: &EdgeDeploymentSpec) -> String {
 }
 
 /// FNV-1a: tiny, stable across platforms and releases, and plenty for naming revisions.
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
-/// Decides the status of `ed` at `now`.
-pub fn plan(ed: &EdgeDeployment, now: Timestamp) -> Plan {
+/// What the reconciler read before planning.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The runtime Deployments it owns.
+    pub deployments: Vec<Deployment>,
+    /// The Services it owns.
+    pub services: Vec<Service>,
+    /// The build Jobs it owns.
+    pub jobs: Vec<Job>,
+    /// The termination message of the target's build pod, once the Job ended.
+    pub build_message: Option<String>,
+    /// For `profile: auto`: the device the smallest selected node amounts to (None when the
+    /// nodes were not listed or none matched).
+    pub auto_profile: Option<DeviceProfile>,
+    /// A fresh analysis step of the candidate (the measurement and the status to keep).
+    pub analysis: Option<(Option<Measurement>, AnalysisStatus)>,
+    /// The HTTPRoute named by `gatewayAPI.httpRoute`, when that router is used.
+    pub route: Option<Value>,
+}
+
+/// What the reconciler should apply, delete, write and say.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub status: EdgeDeploymentStatus,
+    pub notices: Vec<Notice>,
+    /// Children whose live copy is missing or differs (by content hash).
+    pub jobs: Vec<Job>,
+    pub deployments: Vec<Deployment>,
+    pub services: Vec<Service>,
+    pub delete_jobs: Vec<String>,
+    pub delete_deployments: Vec<String>,
+    pub delete_services: Vec<String>,
+    /// A merge patch of the HTTPRoute's rules: (route name, patch).
+    pub route_patch: Option<(String, Value)>,
+    /// Command annotation to remove from the object.
+    pub consume: Option<String>,
+    pub requeue: Duration,
+}
+
+impl Plan {
+    /// Whether the plan writes anything to the cluster besides status and Events.
+    pub fn changes_children(&self) -> bool {
+        !(self.jobs.is_empty()
+            && self.deployments.is_empty()
+            && self.services.is_empty()
+            && self.delete_jobs.is_empty()
+            && self.delete_deployments.is_empty()
+            && self.delete_services.is_empty()
+            && self.route_patch.is_none()
+            && self.consume.is_none())
+    }
+}
+
+/// The status with only this controller's conditions: what it applies and compares.
+pub fn own_status(status: &EdgeDeploymentStatus) -> EdgeDeploymentStatus {
+    let mut s = status.clone();
+    s.conditions
+        .retain(|c| OWN_CONDITIONS.contains(&c.type_.as_str()));
+    s
+}
+
+/// The pending command: its annotation key, the command, and its `verb@value` token.
+pub fn command(ed: &EdgeDeployment) -> Option<(String, Command, String)> {
+    let annotations = ed.metadata.annotations.as_ref()?;
+    COMMANDS.iter().find_map(|(key, command)| {
+        let value = annotations.get(*key)?;
+        let verb = key.trim_start_matches("kasmina.dev/");
+        Some(((*key).to_owned(), *command, format!("{verb}@{value}")))
+    })
+}
+
+/// The build state of the target revision's artifact.
+enum Build {
+    Ready(ArtifactStatus),
+    Running,
+    Failed(String),
+    /// No Job yet; it is created now (for this profile).
+    Start(Option<DeviceProfile>),
+    /// `profile: auto` found no node to plan for.
+    NoNodes,
+}
+
+/// Decides everything for `ed` at `now`.
+pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Timestamp) -> Plan {
     let generation = ed.metadata.generation;
     let current = ed.status.clone().unwrap_or_default();
-    let mut status = current.clone();
+    let mut status = own_status(&current);
     status.observed_generation = generation;
     status.selector = Some(format!("{NAME_LABEL}={}", ed.name_any()));
-    status.replicas.get_or_insert(0);
-    status.ready_replicas.get_or_insert(0);
-    let mut notices = vec![];
-
-    let (ready, progressing) = match ed.spec.validate() {
-        Err(errors) => {
-            status.phase = Some(Phase::Failed);
-            let message = format!("invalid spec: {errors}");
-            (
-                cond(
-                    READY,
-                    ConditionStatus::False,
-                    "InvalidSpec",
-                    &message,
-                    generation,
-                    now,
-                ),
-                cond(
-                    PROGRESSING,
-                    ConditionStatus::False,
-                    "InvalidSpec",
-                    message,
-                    generation,
-                    now,
-                ),
-            )
-        }
-        Ok(()) => {
-            let rev = revision(&ed.spec);
-            if current.target_revision.as_deref() != Some(rev.as_str()) {
-                notices.push(Notice::normal(
-                    "NewRevision",
-                    "Plan",
-                    format!(
-                        "revision {rev} for model {} {}",
-                        ed.spec.model.name, ed.spec.model.version
-                    ),
-                ));
-            }
-            if status.stable_revision.is_none() {
-                status.phase = Some(Phase::Pending);
-            }
-            let message = format!("revision {rev} accepted; waiting for its artifact build");
-            status.target_revision = Some(rev);
-            (
-                cond(
-                    READY,
-                    ConditionStatus::False,
-                    "AwaitingArtifact",
-                    &message,
-                    generation,
-                    now,
-                ),
-                cond(
-                    PROGRESSING,
-                    ConditionStatus::True,
-                    "NewRevision",
-                    message,
-                    generation,
-                    now,
-                ),
-            )
-        }
+    let mut plan = Plan {
+        requeue: Duration::from_secs(300),
+        ..Plan::default()
     };
 
-    let ready_changed = condition::upsert(&mut status.conditions, ready.clone());
-    condition::upsert(&mut status.conditions, progressing);
-    if ready_changed && ready.reason == "InvalidSpec" {
-        notices.push(Notice::warning("InvalidSpec", "Validate", ready.message));
+    if let Err(errors) = ed.spec.validate() {
+        // Nothing is touched: what runs keeps running until the spec is fixed.
+        status.phase = Some(Phase::Failed);
+        let message = format!("invalid spec: {errors}");
+        let ready = cond(
+            READY,
+            ConditionStatus::False,
+            "InvalidSpec",
+            &message,
+            generation,
+            now,
+        );
+        if condition::upsert(&mut status.conditions, ready) {
+            plan.notices
+                .push(Notice::warning("InvalidSpec", "Validate", &message));
+        }
+        condition::upsert(
+            &mut status.conditions,
+            cond(
+                PROGRESSING,
+                ConditionStatus::False,
+                "InvalidSpec",
+                message,
+                generation,
+                now,
+            ),
+        );
+        status.replicas.get_or_insert(0);
+        status.ready_replicas.get_or_insert(0);
+        plan.status = status;
+        return plan;
     }
-    Plan { status, notices }
+
+    let target = revision(&ed.spec);
+    if current.target_revision.as_deref() != Some(target.as_str()) {
+        plan.notices.push(Notice::normal(
+            "NewRevision",
+            "Plan",
+            format!(
+                "revision {target} for model {} {}",
+                ed.spec.model.name, ed.spec.model.version
+            ),
+        ));
+    }
+    status.target_revision = Some(target.clone());
+
+    // 1. The artifact of the target revision.
+    let job_name = workload::job_name(ed, &target);
+    let live_job = seen.jobs.iter().find(|j| j.name_any() == job_name);
+    let build = build_state(ed, &current, &target, live_job, seen);
+    let artifact_ready = matches!(build, Build::Ready(_));
+    match &build {
+        Build::Ready(artifact) => {
+            if !current.revisions.iter().any(|r| r.name == target) {
+                plan.notices.push(Notice::normal(
+                    "ArtifactBuilt",
+                    "Build",
+                    format!(
+                        "revision {target}: {} ({} → {} bytes, {}, quality loss {:.4})",
+                        artifact.digest,
+                        artifact.original_size_bytes,
+                        artifact.size_bytes,
+                        artifact.quantization,
+                        artifact.quality_loss
+                    ),
+                ));
+                status.revisions.retain(|r| r.name != target);
+                status.revisions.insert(
+                    0,
+                    RevisionRecord {
+                        name: target.clone(),
+                        model_version: ed.spec.model.version.clone(),
+                        artifact: artifact.clone(),
+                    },
+                );
+            }
+            status.artifact = Some(artifact.clone());
+        }
+        Build::Start(profile) => {
+            let job = workload::build_job(settings, ed, &target, profile.as_ref());
+            plan.notices.push(Notice::normal(
+                "BuildStarted",
+                "Build",
+                format!("building revision {target} in Job {job_name}"),
+            ));
+            plan.jobs.push(job);
+        }
+        Build::Running | Build::Failed(_) | Build::NoNodes => {}
+    }
+
+    // 2. The rollout decision.
+    let strategy = Strategy::from_spec(&ed.spec.strategy);
+    let rollout_before = current.rollout.clone().unwrap_or_default();
+    let state = to_state(&rollout_before);
+    let now_s: Seconds = now.as_second();
+    let pending_command = command(ed);
+    let fresh_command = pending_command
+        .as_ref()
+        .filter(|(_, _, token)| rollout_before.last_command.as_deref() != Some(token.as_str()))
+        .map(|(_, c, _)| *c);
+    if let Some((key, _, _)) = &pending_command {
+        plan.consume = Some(key.clone());
+    }
+    let compliant = condition::find(&current.conditions, COMPLIANT)
+        .is_none_or(|c| c.status != ConditionStatus::False);
+    let measurement = seen.analysis.as_ref().and_then(|(m, _)| m.clone());
+    let candidate_ready = state
+        .candidate
+        .as_deref()
+        .is_some_and(|c| deployment_ready(ed, seen, c, replicas_for(ed, &state, c)));
+    let observed = rollout::Observed {
+        now: now_s,
+        target: target.clone(),
+        artifact_ready,
+        candidate_ready,
+        compliant,
+        spec_paused: ed.spec.paused,
+        measurement,
+        command: fresh_command,
+    };
+    let decision = rollout::decide(&strategy, &state, &observed);
+    let next = decision.state.clone();
+    if fresh_command == Some(Command::Retry)
+        && let (Build::Failed(_), Some(job)) = (&build, live_job)
+    {
+        plan.delete_jobs.push(job.name_any());
+    }
+
+    // 3. The children the new state asks for.
+    let live = live_revisions(&next, now_s);
+    for rev in &live {
+        let Some(record) = status.revisions.iter().find(|r| &r.name == rev) else {
+            continue;
+        };
+        let desired = workload::runtime_deployment(
+            settings,
+            ed,
+            rev,
+            &record.artifact,
+            replicas_for(ed, &next, rev),
+        );
+        let name = desired.name_any();
+        if !seen
+            .deployments
+            .iter()
+            .any(|d| d.name_any() == name && workload::up_to_date(d, &desired))
+        {
+            plan.deployments.push(desired);
+        }
+    }
+    for d in &seen.deployments {
+        let rev = d.labels().get(REVISION_LABEL);
+        if rev.is_none_or(|r| !live.contains(r)) && d.metadata.deletion_timestamp.is_none() {
+            plan.delete_deployments.push(d.name_any());
+        }
+    }
+    let services = desired_services(ed, &next);
+    for desired in &services {
+        if !seen
+            .services
+            .iter()
+            .any(|s| s.name_any() == desired.name_any() && workload::up_to_date(s, desired))
+        {
+            plan.services.push(desired.clone());
+        }
+    }
+    for s in &seen.services {
+        if !services.iter().any(|d| d.name_any() == s.name_any()) {
+            plan.delete_services.push(s.name_any());
+        }
+    }
+    let mut route_missing = None;
+    if let Some(route_name) = gateway_route(&ed.spec) {
+        match &seen.route {
+            Some(route) => {
+                plan.route_patch =
+                    route_patch(ed, route, next.weight).map(|p| (route_name.clone(), p));
+            }
+            None => route_missing = Some(route_name),
+        }
+    }
+
+    // 4. Status.
+    // Bounded history of built revisions; live ones are never forgotten.
+    let limit = ed.spec.revision_history_limit.max(1) as usize;
+    let mut kept = 0;
+    status.revisions.retain(|r| {
+        kept += 1;
+        kept <= limit || live.contains(&r.name) || r.name == target
+    });
+    if let Some((_, analysis)) = &seen.analysis {
+        status.analysis = Some(analysis.clone());
+    }
+    if next.candidate.is_none()
+        && let Some(a) = status.analysis.as_mut()
+    {
+        // The last result stays visible after the rollout ends; the counters are not needed.
+        a.baseline = None;
+    }
+    let mut rollout_after = from_state(&next, &rollout_before, now);
+    if let Some((_, _, token)) = &pending_command {
+        rollout_after.last_command = Some(token.clone());
+    }
+    status.rollout = Some(rollout_after);
+    status.stable_revision = next.stable.clone();
+    status.canary_revision = next.candidate.clone();
+    status.current_step = match (&strategy.kind, &next.candidate) {
+        (rollout::Kind::Canary { .. }, Some(_)) => Some(next.step as i32),
+        _ => None,
+    };
+    let (replicas, ready) = counts(seen, &live);
+    status.replicas = Some(replicas);
+    status.ready_replicas = Some(ready);
+    status.canary_weight = next
+        .candidate
+        .as_ref()
+        .map(|c| achieved_weight(ed, seen, &next, c));
+    if let Some(ended) = &decision.ended {
+        status.history.insert(
+            0,
+            RolloutRecord {
+                revision: ended.revision.clone(),
+                outcome: match ended.outcome {
+                    Outcome::Promoted => RolloutOutcome::Promoted,
+                    Outcome::RolledBack => RolloutOutcome::RolledBack,
+                    Outcome::Aborted => RolloutOutcome::Aborted,
+                    Outcome::Superseded => RolloutOutcome::Superseded,
+                },
+                reason: ended.reason.clone(),
+                started_at: rollout_before.started_at.clone().unwrap_or(Time(now)),
+                finished_at: Some(Time(now)),
+            },
+        );
+        status.history.truncate(10);
+    }
+    for n in &decision.notes {
+        plan.notices.push(if n.warning {
+            Notice::warning(n.reason, "Rollout", &n.message)
+        } else {
+            Notice::normal(n.reason, "Rollout", &n.message)
+        });
+    }
+
+    let stable_ready = next
+        .stable
+        .as_deref()
+        .is_some_and(|s| deployment_ready(ed, seen, s, replicas_for(ed, &next, s)));
+    let phase = match (&build, decision.phase) {
+        (Build::Failed(_) | Build::NoNodes, _) => Phase::Failed,
+        (_, rollout::Phase::Pending) if !artifact_ready => Phase::Building,
+        (_, rollout::Phase::Pending) => Phase::Progressing,
+        (_, rollout::Phase::Progressing) if !artifact_ready => Phase::Building,
+        (_, rollout::Phase::Progressing) => Phase::Progressing,
+        (_, rollout::Phase::Paused) => Phase::Paused,
+        (_, rollout::Phase::Healthy) if stable_ready => Phase::Healthy,
+        (_, rollout::Phase::Healthy) => Phase::Degraded,
+        (_, rollout::Phase::RolledBack) => Phase::RolledBack,
+    };
+    status.phase = Some(phase);
+
+    // Conditions.
+    let g = generation;
+    let artifact_cond = match &build {
+        Build::Ready(a) => cond(
+            ARTIFACT_READY,
+            ConditionStatus::True,
+            "Built",
+            format!(
+                "revision {target}: {} at {}",
+                a.digest,
+                a.uri.as_deref().unwrap_or("?")
+            ),
+            g,
+            now,
+        ),
+        Build::Running | Build::Start(_) => cond(
+            ARTIFACT_READY,
+            ConditionStatus::False,
+            "Building",
+            format!("building revision {target} in Job {job_name}"),
+            g,
+            now,
+        ),
+        Build::Failed(message) => cond(
+            ARTIFACT_READY,
+            ConditionStatus::False,
+            "BuildFailed",
+            format!("Job {job_name}: {message}"),
+            g,
+            now,
+        ),
+        Build::NoNodes => cond(
+            ARTIFACT_READY,
+            ConditionStatus::False,
+            "NoMatchingNodes",
+            "optimization.profile is auto, but no node matches spec.template.nodeSelector; set \
+             spec.optimization.profile or fix the selector",
+            g,
+            now,
+        ),
+    };
+    let reason_before =
+        condition::find(&status.conditions, ARTIFACT_READY).map(|c| c.reason.clone());
+    condition::upsert(&mut status.conditions, artifact_cond.clone());
+    if reason_before.as_deref() != Some(artifact_cond.reason.as_str())
+        && matches!(build, Build::Failed(_) | Build::NoNodes)
+    {
+        plan.notices.push(Notice::warning(
+            &artifact_cond.reason,
+            "Build",
+            &artifact_cond.message,
+        ));
+    }
+    if let Some(route) = route_missing {
+        plan.notices.push(Notice::warning(
+            "HTTPRouteNotFound",
+            "Route",
+            format!("HTTPRoute {route} (spec.strategy.canary.trafficRouting.gatewayAPI.httpRoute) not found; traffic weights are not applied"),
+        ));
+    }
+    if ed.spec.strategy.analysis.is_some() {
+        let a = status.analysis.as_ref();
+        let (s, reason, message) = match (decision.phase, a.and_then(|a| a.last_result.as_deref()))
+        {
+            (rollout::Phase::RolledBack, _) => (
+                ConditionStatus::False,
+                "RolledBack",
+                decision
+                    .ended
+                    .as_ref()
+                    .map(|e| e.reason.clone())
+                    .or_else(|| {
+                        condition::find(&current.conditions, ANALYSIS_PASSING)
+                            .map(|c| c.message.clone())
+                    })
+                    .unwrap_or_default(),
+            ),
+            (_, Some("Passed")) => (
+                ConditionStatus::True,
+                "Passed",
+                a.map(|a| a.message.clone()).unwrap_or_default(),
+            ),
+            (_, Some("Failed")) => (
+                ConditionStatus::False,
+                "Failed",
+                a.map(|a| a.message.clone()).unwrap_or_default(),
+            ),
+            _ if next.candidate.is_none() => (
+                ConditionStatus::True,
+                "NoRollout",
+                "no rollout in progress".into(),
+            ),
+            _ => (
+                ConditionStatus::Unknown,
+                "Measuring",
+                a.map(|a| a.message.clone())
+                    .filter(|m| !m.is_empty())
+                    .unwrap_or_else(|| "waiting for the first interval".into()),
+            ),
+        };
+        condition::upsert(
+            &mut status.conditions,
+            cond(ANALYSIS_PASSING, s, reason, message, g, now),
+        );
+    } else {
+        status.conditions.retain(|c| c.type_ != ANALYSIS_PASSING);
+    }
+    let (p_status, p_reason, p_message) = match (phase, &decision.waiting) {
+        (Phase::Failed, _) => (
+            ConditionStatus::False,
+            artifact_cond.reason.as_str(),
+            artifact_cond.message.clone(),
+        ),
+        (Phase::RolledBack, _) => (
+            ConditionStatus::False,
+            "RolledBack",
+            status
+                .history
+                .first()
+                .map(|h| format!("revision {}: {}", h.revision, h.reason))
+                .unwrap_or_default(),
+        ),
+        (Phase::Paused, why) => (
+            ConditionStatus::Unknown,
+            "Paused",
+            why.clone().unwrap_or_else(|| "paused".into()),
+        ),
+        (Phase::Healthy | Phase::Degraded, _) => (
+            ConditionStatus::True,
+            "RolloutComplete",
+            format!(
+                "revision {} serves all traffic",
+                next.stable.as_deref().unwrap_or("?")
+            ),
+        ),
+        (_, why) => (
+            ConditionStatus::True,
+            "RolloutInProgress",
+            match (&next.candidate, why) {
+                (Some(c), Some(why)) => format!("revision {c}: {why}"),
+                (Some(c), None) => format!("revision {c}: step {}", next.step),
+                (None, Some(why)) => why.clone(),
+                (None, None) => format!("revision {target}: building the artifact"),
+            },
+        ),
+    };
+    condition::upsert(
+        &mut status.conditions,
+        cond(PROGRESSING, p_status, p_reason, p_message, g, now),
+    );
+    let ready = match phase {
+        Phase::Healthy => cond(
+            READY,
+            ConditionStatus::True,
+            "Healthy",
+            format!("revision {target} is serving with {ready}/{replicas} replicas ready"),
+            g,
+            now,
+        ),
+        Phase::Degraded => cond(
+            READY,
+            ConditionStatus::False,
+            "Degraded",
+            format!("{ready}/{replicas} replicas ready"),
+            g,
+            now,
+        ),
+        Phase::RolledBack => cond(
+            READY,
+            ConditionStatus::False,
+            "RolledBack",
+            format!(
+                "revision {target} was rolled back; revision {} serves",
+                next.stable.as_deref().unwrap_or("?")
+            ),
+            g,
+            now,
+        ),
+        Phase::Failed => cond(
+            READY,
+            ConditionStatus::False,
+            &artifact_cond.reason,
+            artifact_cond.message.clone(),
+            g,
+            now,
+        ),
+        Phase::Pending | Phase::Building => cond(
+            READY,
+            ConditionStatus::False,
+            "AwaitingArtifact",
+            format!("revision {target}: waiting for its artifact build"),
+            g,
+            now,
+        ),
+        Phase::Progressing | Phase::Paused => cond(
+            READY,
+            ConditionStatus::False,
+            "RolloutInProgress",
+            format!("revision {target} is rolling out"),
+            g,
+            now,
+        ),
+    };
+    condition::upsert(&mut status.conditions, ready);
+    let order = |c: &Condition| {
+        OWN_CONDITIONS
+            .iter()
+            .position(|t| *t == c.type_)
+            .unwrap_or(99)
+    };
+    status.conditions.sort_by_key(order);
+
+    plan.requeue = requeue(
+        ed,
+        &strategy,
+        &next,
+        status.analysis.as_ref(),
+        now,
+        !plan.jobs.is_empty() || matches!(build, Build::Running),
+    );
+    plan.status = status;
+    plan
+}
+
+fn build_state(
+    ed: &EdgeDeployment,
+    current: &EdgeDeploymentStatus,
+    target: &str,
+    job: Option<&Job>,
+    seen: &Observed,
+) -> Build {
+    if let Some(r) = current.revisions.iter().find(|r| r.name == target) {
+        return Build::Ready(r.artifact.clone());
+    }
+    let Some(job) = job else {
+        return match (&ed.spec.optimization.profile, &seen.auto_profile) {
+            (Some(p), _) | (None, Some(p)) => Build::Start(Some(p.clone())),
+            (None, None) => Build::NoNodes,
+        };
+    };
+    let js = job.status.as_ref();
+    if js.and_then(|s| s.succeeded).unwrap_or(0) > 0 {
+        return match seen.build_message.as_deref().map(parse_summary) {
+            Some(Ok(a)) => Build::Ready(a),
+            Some(Err(e)) => Build::Failed(format!(
+                "the build succeeded but its summary is unreadable: {e}"
+            )),
+            None => Build::Running,
+        };
+    }
+    let failed = js
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Failed" && c.status == "True"));
+    if failed {
+        let message = seen
+            .build_message
+            .clone()
+            .filter(|m| !m.trim().is_empty())
+            .unwrap_or_else(|| "the build Job failed without a message; see its pod's logs".into());
+        return Build::Failed(message.trim().to_owned());
+    }
+    Build::Running
+}
+
+/// The builder's termination message (its JSON summary) as the artifact status.
+pub fn parse_summary(message: &str) -> Result<ArtifactStatus, serde_json::Error> {
+    let s: crate::artifact::manifest::Summary = serde_json::from_str(message.trim())?;
+    Ok(ArtifactStatus {
+        digest: s.digest,
+        uri: Some(s.uri),
+        size_bytes: s.size_bytes as i64,
+        original_size_bytes: s.original_size_bytes as i64,
+        quantization: s.quantization,
+        sparsity: s.sparsity,
+        quality_loss: s.quality_loss,
+        signed: s.signed,
+        encrypted: s.encrypted,
+    })
+}
+
+fn to_state(r: &RolloutState) -> State {
+    State {
+        stable: r.stable.clone(),
+        candidate: r.candidate.clone(),
+        step: r.step,
+        step_started_at: r.step_started_at.as_ref().map_or(0, |t| t.0.as_second()),
+        weight: r.weight.min(100),
+        passed: r.passed,
+        failed: r.failed,
+        previous: r.previous.clone(),
+        scale_down_at: r.scale_down_at.as_ref().map(|t| t.0.as_second()),
+        aborted: r.aborted.clone(),
+        paused: r.paused,
+    }
+}
+
+fn time(s: Seconds) -> Option<Time> {
+    Timestamp::from_second(s).ok().map(Time)
+}
+
+fn from_state(s: &State, before: &RolloutState, now: Timestamp) -> RolloutState {
+    let started_at = match (&s.candidate, &before.candidate) {
+        (Some(c), Some(b)) if c == b => before.started_at.clone(),
+        (Some(_), _) => Some(Time(now)),
+        (None, _) => None,
+    };
+    RolloutState {
+        stable: s.stable.clone(),
+        candidate: s.candidate.clone(),
+        step: s.step,
+        step_started_at: s.candidate.as_ref().and_then(|_| time(s.step_started_at)),
+        weight: s.weight,
+        passed: s.passed,
+        failed: s.failed,
+        previous: s.previous.clone(),
+        scale_down_at: s.scale_down_at.and_then(time),
+        aborted: s.aborted.clone(),
+        paused: s.paused,
+        last_command: before.last_command.clone(),
+        started_at,
+    }
+}
+
+/// Revisions that keep a Deployment: stable, candidate, and the previous stable until its
+/// scale-down time.
+fn live_revisions(s: &State, now: Seconds) -> BTreeSet<String> {
+    let previous = s
+        .previous
+        .clone()
+        .filter(|_| s.scale_down_at.is_some_and(|at| now < at));
+    [s.stable.clone(), s.candidate.clone(), previous]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+fn gateway_route(spec: &EdgeDeploymentSpec) -> Option<String> {
+    if spec.strategy.type_ != StrategyType::Canary {
+        return None;
+    }
+    let canary = spec.strategy.canary.as_ref()?;
+    Some(
+        canary
+            .traffic_routing
+            .gateway_api
+            .as_ref()?
+            .http_route
+            .clone(),
+    )
+}
+
+fn replica_ratio(spec: &EdgeDeploymentSpec) -> bool {
+    spec.strategy.type_ == StrategyType::Canary && gateway_route(spec).is_none()
+}
+
+/// Replicas of `rev`'s Deployment in state `s`.
+pub fn replicas_for(ed: &EdgeDeployment, s: &State, rev: &str) -> i32 {
+    let n = ed.spec.replicas;
+    let is_candidate = s.candidate.as_deref() == Some(rev);
+    let is_stable = s.stable.as_deref() == Some(rev);
+    if ed.spec.strategy.type_ == StrategyType::Canary {
+        if replica_ratio(&ed.spec) {
+            let split = traffic::replica_ratio(n, i32::from(s.weight));
+            return match (is_candidate, is_stable, s.candidate.is_some()) {
+                (true, _, _) => split.canary,
+                (_, true, true) => split.stable,
+                (_, true, false) => n,
+                // The old stable would take traffic back through the shared Service.
+                _ => 0,
+            };
+        }
+        return match (is_candidate, is_stable) {
+            (true, _) => ((n * i32::from(s.weight)) as f64 / 100.0).ceil().max(1.0) as i32,
+            (_, true) => n,
+            _ => 0,
+        };
+    }
+    // Rolling and blue-green: every live revision runs at full size (instant switch and
+    // instant rollback).
+    n
+}
+
+fn deployment_ready(ed: &EdgeDeployment, seen: &Observed, rev: &str, want: i32) -> bool {
+    let name = workload::deployment_name(ed, rev);
+    seen.deployments.iter().any(|d| {
+        let spec_replicas = d.spec.replicas.unwrap_or(1);
+        let Some(st) = d.status.as_ref() else {
+            return false;
+        };
+        d.name_any() == name
+            && spec_replicas == want
+            && st.observed_generation >= d.metadata.generation
+            && st.updated_replicas.unwrap_or(0) >= want
+            && st.available_replicas.unwrap_or(0) >= want
+    })
+}
+
+fn counts(seen: &Observed, live: &BTreeSet<String>) -> (i32, i32) {
+    seen.deployments
+        .iter()
+        .filter(|d| {
+            d.labels()
+                .get(REVISION_LABEL)
+                .is_some_and(|r| live.contains(r))
+        })
+        .filter_map(|d| d.status.as_ref())
+        .fold((0, 0), |(r, ready), s| {
+            (
+                r + s.replicas.unwrap_or(0),
+                ready + s.ready_replicas.unwrap_or(0),
+            )
+        })
+}
+
+fn ready_of(ed: &EdgeDeployment, seen: &Observed, rev: &str) -> i32 {
+    let name = workload::deployment_name(ed, rev);
+    seen.deployments
+        .iter()
+        .find(|d| d.name_any() == name)
+        .and_then(|d| d.status.as_ref()?.ready_replicas)
+        .unwrap_or(0)
+}
+
+/// The canary weight traffic actually sees: for `replicaRatio` the share of ready pods,
+/// otherwise the weight the router was given.
+fn achieved_weight(ed: &EdgeDeployment, seen: &Observed, s: &State, candidate: &str) -> i32 {
+    if !replica_ratio(&ed.spec) {
+        return i32::from(s.weight);
+    }
+    let c = ready_of(ed, seen, candidate);
+    let st = s.stable.as_deref().map_or(0, |r| ready_of(ed, seen, r));
+    if c + st == 0 {
+        return 0;
+    }
+    ((100 * c) as f64 / (c + st) as f64).round() as i32
+}
+
+fn desired_services(ed: &EdgeDeployment, s: &State) -> Vec<Service> {
+    let name = ed.name_any();
+    let serving = s.stable.as_deref().or(s.candidate.as_deref());
+    let newest = s.candidate.as_deref().or(s.stable.as_deref());
+    let mut out = vec![workload::service(
+        ed,
+        name.clone(),
+        if replica_ratio(&ed.spec) {
+            None
+        } else {
+            serving
+        },
+    )];
+    match ed.spec.strategy.type_ {
+        StrategyType::BlueGreen => {
+            out.push(workload::service(ed, format!("{name}-preview"), newest))
+        }
+        StrategyType::Canary => out.push(workload::service(ed, format!("{name}-canary"), newest)),
+        StrategyType::Rolling => {}
+    }
+    out
+}
+
+/// The merge patch setting every rule's backends of `route` to the stable/canary split, or
+/// None when it already has them.
+fn route_patch(ed: &EdgeDeployment, route: &Value, weight: u8) -> Option<Value> {
+    let name = ed.name_any();
+    let backends = traffic::http_route_backends(
+        &name,
+        &format!("{name}-canary"),
+        workload::SERVICE_PORT,
+        i32::from(weight),
+    );
+    let rules = route.pointer("/spec/rules")?.as_array()?;
+    if rules
+        .iter()
+        .all(|r| r.get("backendRefs") == Some(&backends))
+    {
+        return None;
+    }
+    let rules: Vec<Value> = rules
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r["backendRefs"] = backends.clone();
+            r
+        })
+        .collect();
+    Some(serde_json::json!({"spec": {"rules": rules}}))
+}
+
+fn requeue(
+    ed: &EdgeDeployment,
+    strategy: &Strategy,
+    s: &State,
+    analysis: Option<&AnalysisStatus>,
+    now: Timestamp,
+    building: bool,
+) -> Duration {
+    let now_s = now.as_second();
+    let mut next: i64 = 300;
+    if let Some(at) = s.scale_down_at {
+        next = next.min((at - now_s).max(1));
+    }
+    if building {
+        // Job changes wake the controller too; this is a safety net.
+        next = next.min(30);
+    }
+    if s.candidate.is_some() {
+        next = next.min(15);
+        if let Some(spec) = &ed.spec.strategy.analysis {
+            next = next.min(analysis::next_in(spec, analysis, now));
+        }
+        if let rollout::Kind::Canary { steps } = &strategy.kind
+            && let Some(rollout::Step::Pause(Some(d))) = steps.get(s.step as usize)
+        {
+            next = next.min((s.step_started_at + d - now_s).max(1));
+        }
+    }
+    Duration::from_secs(next.max(1) as u64)
+}
+
+/// Parses a Kubernetes memory quantity into bytes (`128974848`, `129e6`, `123Mi`, `1G`…).
+pub fn quantity_bytes(q: &str) -> Option<f64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let factor = match suffix {
+        "" => 1.0,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0_f64.powi(2),
+        "Gi" => 1024.0_f64.powi(3),
+        "Ti" => 1024.0_f64.powi(4),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "m" => 1e-3,
+        _ => return None,
+    };
+    Some(number.parse::<f64>().ok()? * factor)
+}
+
+/// `profile: auto`: the device the smallest node selected by the template amounts to (its
+/// allocatable memory and CPUs).
+pub fn smallest_node_profile(spec: &EdgeDeploymentSpec, nodes: &[Node]) -> Option<DeviceProfile> {
+    nodes
+        .iter()
+        .filter(|n| {
+            let labels = n.metadata.labels.clone().unwrap_or_default();
+            spec.template
+                .node_selector
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .filter_map(|n| {
+            let alloc = n.status.as_ref()?.allocatable.as_ref()?;
+            let memory = quantity_bytes(&alloc.get("memory")?.0)?;
+            let cpu = alloc
+                .get("cpu")
+                .and_then(|c| quantity_bytes(&c.0))
+                .unwrap_or(1.0);
+            Some(DeviceProfile {
+                memory_mib: (memory / (1024.0 * 1024.0)) as u32,
+                cpu_cores: (cpu.floor() as u32).max(1),
+                accelerator: Default::default(),
+            })
+        })
+        .min_by_key(|p| p.memory_mib)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::api::edge_deployment::*;
 
-    fn now() -> Timestamp {
+    pub(crate) fn now() -> Timestamp {
         Timestamp::from_second(1_800_000_000).unwrap()
     }
 
@@ -133,13 +999,650 @@ mod tests {
         let spec: EdgeDeploymentSpec = serde_json::from_value(serde_json::json!({
             "model": {"name": "minilm", "version": "2.1.0",
                       "source": {"uri": "s3://models/minilm/2.1.0/"}, "architecture": "bert"},
+            "optimization": {"profile": {"memoryMiB": 256}},
             "replicas": 3,
         }))
         .unwrap();
         let mut ed = EdgeDeployment::new("sentiment", spec);
         ed.metadata.namespace = Some("ml".into());
         ed.metadata.generation = Some(4);
+        ed.metadata.uid = Some("ed-uid".into());
         ed
+    }
+
+    pub(crate) fn settings() -> Settings {
+        Settings {
+            image: "kasmina:0.1.0".into(),
+            artifact_store: "s3://artifacts".into(),
+            artifact_store_secret: None,
+        }
+    }
+
+    /// A tiny cluster: applies plans to its objects; Deployments become ready on `settle`.
+    pub(crate) struct World {
+        pub ed: EdgeDeployment,
+        pub seen: Observed,
+        pub now: i64,
+        pub events: Vec<Notice>,
+        pub writes: usize,
+    }
+
+    pub(crate) const SUMMARY: &str = r#"{"digest":"sha256:d1","uri":"s3://artifacts/ml/sentiment/r/","sizeBytes":22000000,"originalSizeBytes":90000000,"quantization":"q8_0","dtypeMix":{},"sparsity":0.0,"qualityLoss":0.001,"minCosine":0.999,"signed":false,"encrypted":false}"#;
+
+    impl World {
+        pub(crate) fn new(ed: EdgeDeployment) -> Self {
+            Self {
+                ed,
+                seen: Observed::default(),
+                now: 1_800_000_000,
+                events: vec![],
+                writes: 0,
+            }
+        }
+
+        /// One reconcile: plan, then apply the plan to the world.
+        pub(crate) fn reconcile(&mut self) -> Plan {
+            let now = Timestamp::from_second(self.now).unwrap();
+            let plan = plan(&self.ed, &self.seen, &settings(), now);
+            self.seen.analysis = None;
+            self.seen.build_message = None;
+            if plan.changes_children() {
+                self.writes += 1;
+            }
+            let current = self.ed.status.clone().unwrap_or_default();
+            if own_status(&current) != plan.status {
+                self.writes += 1;
+                let mut status = plan.status.clone();
+                // Keep the other controller's conditions, as server-side apply does.
+                status.conditions.extend(
+                    current
+                        .conditions
+                        .iter()
+                        .filter(|c| !OWN_CONDITIONS.contains(&c.type_.as_str()))
+                        .cloned(),
+                );
+                self.ed.status = Some(status);
+            }
+            for j in &plan.jobs {
+                self.seen.jobs.retain(|x| x.name_any() != j.name_any());
+                self.seen.jobs.push(j.clone());
+            }
+            for d in &plan.deployments {
+                self.seen
+                    .deployments
+                    .retain(|x| x.name_any() != d.name_any());
+                self.seen.deployments.push(d.clone());
+            }
+            for s in &plan.services {
+                self.seen.services.retain(|x| x.name_any() != s.name_any());
+                self.seen.services.push(s.clone());
+            }
+            self.seen
+                .deployments
+                .retain(|d| !plan.delete_deployments.contains(&d.name_any()));
+            self.seen
+                .services
+                .retain(|d| !plan.delete_services.contains(&d.name_any()));
+            self.seen
+                .jobs
+                .retain(|d| !plan.delete_jobs.contains(&d.name_any()));
+            if let Some((_, patch)) = &plan.route_patch {
+                self.seen.route = Some(patch.clone());
+            }
+            if let Some(key) = &plan.consume {
+                self.ed.metadata.annotations.as_mut().unwrap().remove(key);
+            }
+            self.events.extend(plan.notices.iter().cloned());
+            plan
+        }
+
+        /// The build Job of the target ends with `message`.
+        pub(crate) fn finish_build(&mut self, ok: bool, message: &str) {
+            let job = self.seen.jobs.last_mut().expect("a build Job");
+            job.status = Some(serde_json::from_value(if ok {
+                serde_json::json!({"succeeded": 1})
+            } else {
+                serde_json::json!({"failed": 2, "conditions": [{"type": "Failed", "status": "True"}]})
+            }).unwrap());
+            self.seen.build_message = Some(message.into());
+        }
+
+        /// Every Deployment becomes fully available.
+        pub(crate) fn settle(&mut self) {
+            for d in &mut self.seen.deployments {
+                let n = d.spec.replicas.unwrap_or(1);
+                d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus {
+                    replicas: Some(n),
+                    ready_replicas: Some(n),
+                    available_replicas: Some(n),
+                    updated_replicas: Some(n),
+                    observed_generation: d.metadata.generation,
+                    ..Default::default()
+                });
+            }
+        }
+
+        pub(crate) fn replicas(&self) -> Vec<(String, i32)> {
+            let mut v: Vec<_> = self
+                .seen
+                .deployments
+                .iter()
+                .map(|d| (d.name_any(), d.spec.replicas.unwrap_or(1)))
+                .collect();
+            v.sort();
+            v
+        }
+
+        pub(crate) fn status(&self) -> &EdgeDeploymentStatus {
+            self.ed.status.as_ref().unwrap()
+        }
+
+        pub(crate) fn cond(&self, type_: &str) -> (ConditionStatus, String, String) {
+            let c = condition::find(&self.status().conditions, type_)
+                .unwrap_or_else(|| panic!("no {type_}"));
+            (c.status, c.reason.clone(), c.message.clone())
+        }
+
+        pub(crate) fn event(&self, reason: &str) -> Option<&Notice> {
+            self.events.iter().find(|n| n.reason == reason)
+        }
+
+        /// Builds and settles the current target, reconciling until nothing changes.
+        pub(crate) fn converge(&mut self) {
+            for _ in 0..20 {
+                self.settle();
+                let before = self.writes;
+                self.reconcile();
+                if self.writes == before {
+                    return;
+                }
+            }
+            panic!("no steady state: {:#?}", self.status());
+        }
+
+        /// First revision built and serving.
+        pub(crate) fn serving(ed: EdgeDeployment) -> Self {
+            let mut w = World::new(ed);
+            w.reconcile();
+            w.finish_build(true, SUMMARY);
+            w.converge();
+            w
+        }
+
+        pub(crate) fn annotate(&mut self, key: &str, value: &str) {
+            self.ed
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(key.into(), value.into());
+        }
+    }
+
+    fn canary_spec(ed: &mut EdgeDeployment) {
+        ed.spec.strategy = serde_json::from_value(serde_json::json!({
+            "type": "Canary",
+            "canary": {"steps": [{"setWeight": 20}, {"pause": {}}, {"analysis": {"iterations": 2}}, {"setWeight": 60}]},
+            "analysis": {"interval": "30s", "failureLimit": 1,
+                         "checks": [{"metric": "errorRate", "max": 0.05}]},
+        }))
+        .unwrap();
+    }
+
+    fn new_version(w: &mut World, version: &str) {
+        w.ed.spec.model.version = version.into();
+        w.ed.metadata.generation = w.ed.metadata.generation.map(|g| g + 1);
+    }
+
+    fn measured(w: &mut World, m: Measurement) {
+        let rev = w
+            .status()
+            .rollout
+            .as_ref()
+            .unwrap()
+            .candidate
+            .clone()
+            .unwrap();
+        w.seen.analysis = Some((
+            Some(m.clone()),
+            AnalysisStatus {
+                revision: rev,
+                last_result: Some(match m {
+                    Measurement::Pass => "Passed".into(),
+                    Measurement::Fail(_) => "Failed".into(),
+                    Measurement::Inconclusive => "Inconclusive".into(),
+                }),
+                ..Default::default()
+            },
+        ));
+    }
+
+    #[test]
+    fn a_new_revision_starts_one_build_job_and_waits_for_it() {
+        let mut w = World::new(sample());
+        let plan = w.reconcile();
+        assert_eq!(plan.jobs.len(), 1);
+        assert_eq!(
+            plan.jobs[0].name_any(),
+            format!("sentiment-build-{}", &revision(&w.ed.spec)[..8])
+        );
+        assert_eq!(w.status().phase, Some(Phase::Building));
+        assert_eq!(w.cond(ARTIFACT_READY).1, "Building");
+        assert_eq!(w.cond(READY).0, ConditionStatus::False);
+        assert!(w.event("BuildStarted").is_some() && w.event("NewRevision").is_some());
+        // The Job exists now: no second one, and no write at all while it runs.
+        let writes = w.writes;
+        let again = w.reconcile();
+        assert!(again.jobs.is_empty());
+        assert_eq!(w.writes, writes, "a running build is quiet");
+    }
+
+    #[test]
+    fn a_built_artifact_becomes_a_serving_deployment_and_services() {
+        let mut w = World::new(sample());
+        w.reconcile();
+        w.finish_build(true, SUMMARY);
+        let plan = w.reconcile();
+        let rev = revision(&w.ed.spec);
+        assert_eq!(w.status().artifact.as_ref().unwrap().digest, "sha256:d1");
+        assert_eq!(w.status().revisions[0].name, rev);
+        assert_eq!(w.cond(ARTIFACT_READY).0, ConditionStatus::True);
+        assert_eq!(plan.deployments.len(), 1);
+        let services: Vec<_> = w.seen.services.iter().map(|s| s.name_any()).collect();
+        assert_eq!(services, ["sentiment"]);
+        assert!(w.event("ArtifactBuilt").is_some());
+        assert_eq!(w.status().phase, Some(Phase::Progressing));
+        w.converge();
+        assert_eq!(w.status().phase, Some(Phase::Healthy));
+        assert_eq!(w.cond(READY).0, ConditionStatus::True);
+        assert_eq!(w.status().stable_revision.as_deref(), Some(rev.as_str()));
+        assert_eq!(
+            (w.status().replicas, w.status().ready_replicas),
+            (Some(3), Some(3))
+        );
+        assert_eq!(w.status().history[0].outcome, RolloutOutcome::Promoted);
+    }
+
+    #[test]
+    fn steady_state_plans_nothing() {
+        let mut w = World::serving(sample());
+        let writes = w.writes;
+        w.now += 3600;
+        let plan = w.reconcile();
+        assert!(!plan.changes_children(), "{plan:#?}");
+        assert_eq!(w.writes, writes);
+        assert_eq!(plan.requeue, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_failed_build_shows_the_builders_message_once() {
+        let mut w = World::new(sample());
+        w.reconcile();
+        w.finish_build(
+            false,
+            "error: source s3://models/minilm/2.1.0/: access denied",
+        );
+        w.reconcile();
+        let (s, reason, message) = w.cond(ARTIFACT_READY);
+        assert_eq!(
+            (s, reason.as_str()),
+            (ConditionStatus::False, "BuildFailed")
+        );
+        assert!(message.contains("access denied"), "{message}");
+        assert_eq!(w.status().phase, Some(Phase::Failed));
+        assert!(w.event("BuildFailed").unwrap().warning);
+        w.seen.build_message =
+            Some("error: source s3://models/minilm/2.1.0/: access denied".into());
+        let events = w.events.len();
+        w.reconcile();
+        assert_eq!(w.events.len(), events, "the warning is not repeated");
+        // retry deletes the failed Job so the next reconcile builds again.
+        w.annotate("kasmina.dev/retry", "1");
+        w.seen.build_message = Some("error: access denied".into());
+        let plan = w.reconcile();
+        assert_eq!(plan.delete_jobs.len(), 1);
+        assert_eq!(w.reconcile().jobs.len(), 1);
+    }
+
+    #[test]
+    fn an_artifact_built_before_is_reused() {
+        let mut w = World::serving(sample());
+        let first = revision(&w.ed.spec);
+        new_version(&mut w, "2.2.0");
+        w.reconcile();
+        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.converge();
+        // Back to the first version (a git revert): no build, the recorded artifact is used.
+        new_version(&mut w, "2.1.0");
+        assert_eq!(revision(&w.ed.spec), first);
+        let plan = w.reconcile();
+        assert!(plan.jobs.is_empty());
+        assert_eq!(w.status().artifact.as_ref().unwrap().digest, "sha256:d1");
+    }
+
+    #[test]
+    fn a_canary_moves_weight_step_by_step_and_is_promoted() {
+        let mut ed = sample();
+        canary_spec(&mut ed);
+        let mut w = World::serving(ed);
+        let stable = revision(&w.ed.spec);
+        new_version(&mut w, "2.2.0");
+        w.reconcile();
+        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        let candidate = revision(&w.ed.spec);
+        w.converge();
+        // setWeight 20 with 3 replicas: one canary pod, two stable.
+        let s = w.status();
+        assert_eq!(s.current_step, Some(1));
+        assert_eq!(s.phase, Some(Phase::Paused));
+        assert_eq!(
+            s.canary_weight,
+            Some(33),
+            "one of three ready pods: the weight achieved"
+        );
+        let mut expected = vec![
+            (format!("sentiment-{}", &stable[..8]), 2),
+            (format!("sentiment-{}", &candidate[..8]), 1),
+        ];
+        expected.sort();
+        assert_eq!(w.replicas(), expected);
+        let svc: Vec<_> = w.seen.services.iter().map(|s| s.name_any()).collect();
+        assert_eq!(svc, ["sentiment", "sentiment-canary"]);
+        // The shared Service selects every revision (replica ratio), the canary one only the new.
+        let sel = |n: &str| {
+            w.seen
+                .services
+                .iter()
+                .find(|s| s.name_any() == n)
+                .unwrap()
+                .spec
+                .clone()
+                .unwrap()
+                .selector
+                .unwrap()
+        };
+        assert!(!sel("sentiment").contains_key(REVISION_LABEL));
+        assert_eq!(sel("sentiment-canary")[REVISION_LABEL], candidate);
+        // Promote the pause (the command is consumed once).
+        w.annotate("kasmina.dev/promote", "t1");
+        let plan = w.reconcile();
+        assert_eq!(plan.consume.as_deref(), Some("kasmina.dev/promote"));
+        assert_eq!(w.status().current_step, Some(2));
+        // Two passing analyses, then setWeight 60, then full promotion.
+        for _ in 0..2 {
+            measured(&mut w, Measurement::Pass);
+            w.reconcile();
+        }
+        assert_eq!(w.cond(ANALYSIS_PASSING).0, ConditionStatus::True);
+        w.converge();
+        assert_eq!(w.status().phase, Some(Phase::Healthy));
+        assert_eq!(
+            w.status().stable_revision.as_deref(),
+            Some(candidate.as_str())
+        );
+        assert_eq!(
+            w.replicas(),
+            vec![(format!("sentiment-{}", &candidate[..8]), 3)]
+        );
+        assert_eq!(w.status().canary_weight, None);
+    }
+
+    #[test]
+    fn failed_analysis_rolls_back_to_stable() {
+        let mut ed = sample();
+        canary_spec(&mut ed);
+        let mut w = World::serving(ed);
+        let stable = revision(&w.ed.spec);
+        new_version(&mut w, "2.2.0");
+        w.reconcile();
+        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.converge();
+        w.annotate("kasmina.dev/promote", "t1");
+        w.reconcile();
+        measured(&mut w, Measurement::Fail("error rate 0.2 > 0.05".into()));
+        w.reconcile();
+        assert_eq!(
+            w.status().phase,
+            Some(Phase::Progressing),
+            "one failure is tolerated"
+        );
+        measured(&mut w, Measurement::Fail("error rate 0.3 > 0.05".into()));
+        let plan = w.reconcile();
+        let s = w.status();
+        assert_eq!(s.phase, Some(Phase::RolledBack));
+        assert_eq!(plan.delete_deployments.len(), 1, "canary scaled away");
+        assert_eq!(s.canary_revision, None);
+        assert_eq!(s.stable_revision.as_deref(), Some(stable.as_str()));
+        assert_eq!(s.history[0].outcome, RolloutOutcome::RolledBack);
+        assert!(s.history[0].reason.contains("error rate 0.3"));
+        assert_eq!(w.cond(READY).1, "RolledBack");
+        assert_eq!(w.cond(ANALYSIS_PASSING).0, ConditionStatus::False);
+        assert!(w.event("RolledBack").unwrap().warning);
+        w.converge();
+        assert_eq!(
+            w.replicas(),
+            vec![(format!("sentiment-{}", &stable[..8]), 3)]
+        );
+        assert_eq!(
+            w.status().phase,
+            Some(Phase::RolledBack),
+            "not retried on its own"
+        );
+    }
+
+    #[test]
+    fn a_non_compliant_candidate_is_never_promoted() {
+        let mut w = World::serving(sample());
+        let stable = revision(&w.ed.spec);
+        new_version(&mut w, "2.2.0");
+        w.reconcile();
+        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        let status = w.ed.status.as_mut().unwrap();
+        status.conditions.push(cond(
+            COMPLIANT,
+            ConditionStatus::False,
+            "Violation",
+            "unsigned",
+            Some(5),
+            now(),
+        ));
+        w.converge();
+        assert_eq!(w.status().stable_revision.as_deref(), Some(stable.as_str()));
+        assert!(
+            w.cond(PROGRESSING).2.contains("not compliant"),
+            "{:?}",
+            w.cond(PROGRESSING)
+        );
+        assert!(
+            condition::find(
+                &plan(&w.ed, &w.seen, &settings(), now()).status.conditions,
+                COMPLIANT
+            )
+            .is_none(),
+            "the Compliant condition is never written by this controller"
+        );
+    }
+
+    #[test]
+    fn blue_green_previews_then_switches_and_keeps_the_old_revision_for_the_delay() {
+        let mut ed = sample();
+        ed.spec.strategy = serde_json::from_value(serde_json::json!({
+            "type": "BlueGreen", "blueGreen": {"autoPromote": false, "scaleDownDelaySeconds": 60}}))
+        .unwrap();
+        let mut w = World::serving(ed);
+        let blue = revision(&w.ed.spec);
+        new_version(&mut w, "2.2.0");
+        w.reconcile();
+        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        let green = revision(&w.ed.spec);
+        w.converge();
+        let sel = |w: &World, n: &str| {
+            w.seen
+                .services
+                .iter()
+                .find(|s| s.name_any() == n)
+                .unwrap()
+                .spec
+                .clone()
+                .unwrap()
+                .selector
+                .unwrap()[REVISION_LABEL]
+                .clone()
+        };
+        assert_eq!(sel(&w, "sentiment"), blue);
+        assert_eq!(sel(&w, "sentiment-preview"), green);
+        assert_eq!(w.status().phase, Some(Phase::Paused));
+        w.annotate("kasmina.dev/promote", "now");
+        w.reconcile();
+        assert_eq!(sel(&w, "sentiment"), green, "instant switch");
+        assert_eq!(w.replicas().len(), 2, "blue kept for the scale-down delay");
+        let plan = w.reconcile();
+        assert_eq!(plan.requeue, Duration::from_secs(60));
+        w.now += 61;
+        w.converge();
+        assert_eq!(
+            w.replicas(),
+            vec![(format!("sentiment-{}", &green[..8]), 3)]
+        );
+    }
+
+    #[test]
+    fn gateway_routing_patches_the_route_weights() {
+        let mut ed = sample();
+        canary_spec(&mut ed);
+        ed.spec.strategy.canary.as_mut().unwrap().traffic_routing =
+            serde_json::from_value(serde_json::json!({"gatewayAPI": {"httpRoute": "sentiment"}}))
+                .unwrap();
+        let mut w = World::serving(ed);
+        w.seen.route = Some(
+            serde_json::json!({"spec": {"rules": [{"backendRefs": [{"name": "sentiment", "port": 80}]}]}}),
+        );
+        let plan = w.reconcile();
+        let (name, patch) = plan.route_patch.unwrap();
+        assert_eq!(name, "sentiment");
+        assert_eq!(
+            patch["spec"]["rules"][0]["backendRefs"][1],
+            serde_json::json!({"name": "sentiment-canary", "port": 80, "weight": 0})
+        );
+        new_version(&mut w, "2.2.0");
+        w.reconcile();
+        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.converge();
+        w.seen.route = Some(serde_json::json!({"spec": {"rules": [{"backendRefs": []}]}}));
+        let plan = w.reconcile();
+        assert_eq!(
+            plan.route_patch.unwrap().1["spec"]["rules"][0]["backendRefs"][1]["weight"],
+            20
+        );
+        assert_eq!(w.status().canary_weight, Some(20));
+        // Stable keeps all its replicas; the canary runs its share.
+        assert_eq!(
+            w.replicas()
+                .iter()
+                .map(|r| r.1)
+                .collect::<Vec<_>>()
+                .iter()
+                .sum::<i32>(),
+            4
+        );
+    }
+
+    #[test]
+    fn a_restarted_controller_resumes_at_the_same_step() {
+        let mut ed = sample();
+        canary_spec(&mut ed);
+        let mut w = World::serving(ed);
+        new_version(&mut w, "2.2.0");
+        w.reconcile();
+        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.converge();
+        w.annotate("kasmina.dev/promote", "t1");
+        w.reconcile();
+        measured(&mut w, Measurement::Pass);
+        w.reconcile();
+        // Only what the API server holds survives a restart: status round-trips through JSON.
+        let json = serde_json::to_string(&w.ed).unwrap();
+        w.ed = serde_json::from_str(&json).unwrap();
+        let writes = w.writes;
+        let plan = w.reconcile();
+        assert!(!plan.changes_children());
+        assert_eq!(w.writes, writes);
+        assert_eq!(w.status().current_step, Some(2));
+        assert_eq!(w.status().rollout.as_ref().unwrap().passed, 1);
+    }
+
+    #[test]
+    fn a_command_is_acted_on_once() {
+        let mut ed = sample();
+        canary_spec(&mut ed);
+        let mut w = World::serving(ed);
+        new_version(&mut w, "2.2.0");
+        w.reconcile();
+        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.converge();
+        w.annotate("kasmina.dev/promote", "t1");
+        w.reconcile();
+        assert_eq!(w.status().current_step, Some(2));
+        // The annotation removal failed and it is seen again: not a second promotion.
+        w.annotate("kasmina.dev/promote", "t1");
+        let plan = w.reconcile();
+        assert_eq!(plan.consume.as_deref(), Some("kasmina.dev/promote"));
+        assert_eq!(w.status().current_step, Some(2));
+    }
+
+    #[test]
+    fn auto_profile_without_nodes_says_so() {
+        let mut ed = sample();
+        ed.spec.optimization.profile = None;
+        let mut w = World::new(ed);
+        let plan = w.reconcile();
+        assert!(plan.jobs.is_empty());
+        assert_eq!(w.cond(ARTIFACT_READY).1, "NoMatchingNodes");
+        w.seen.auto_profile = Some(DeviceProfile {
+            memory_mib: 900,
+            cpu_cores: 4,
+            accelerator: Default::default(),
+        });
+        let plan = w.reconcile();
+        let args = plan.jobs[0]
+            .spec
+            .clone()
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .args
+            .clone()
+            .unwrap()
+            .join(" ");
+        assert!(
+            args.contains("--profile memoryMiB=900,cpuCores=4"),
+            "{args}"
+        );
+    }
+
+    #[test]
+    fn invalid_spec_fails_with_the_field_named_once() {
+        let mut ed = sample();
+        ed.spec.strategy.type_ = StrategyType::Canary;
+        ed.spec.strategy.canary = Some(CanaryStrategy {
+            traffic_routing: TrafficRouting::default(),
+            steps: vec![CanaryStep::SetWeight(50), CanaryStep::SetWeight(20)],
+        });
+        let mut w = World::new(ed);
+        let plan = w.reconcile();
+        assert!(!plan.changes_children());
+        assert_eq!(w.status().phase, Some(Phase::Failed));
+        let (_, reason, message) = w.cond(READY);
+        assert_eq!(reason, "InvalidSpec");
+        assert!(
+            message.contains("spec.strategy.canary.steps[1].setWeight"),
+            "{message}"
+        );
+        assert!(w.event("InvalidSpec").unwrap().warning);
+        let events = w.events.len();
+        w.reconcile();
+        assert_eq!(w.events.len(), events, "not repeated every reconcile");
     }
 
     #[test]
@@ -155,68 +1658,38 @@ mod tests {
     }
 
     #[test]
-    fn valid_spec_is_pending_with_a_new_revision_event() {
-        let plan = plan(&sample(), now());
-        let s = &plan.status;
-        assert_eq!(s.phase, Some(Phase::Pending));
-        assert_eq!(s.observed_generation, Some(4));
-        assert_eq!(
-            s.selector.as_deref(),
-            Some("kasmina.dev/edge-deployment=sentiment")
-        );
-        let ready = condition::find(&s.conditions, READY).unwrap();
-        assert_eq!(
-            (ready.status, ready.reason.as_str()),
-            (ConditionStatus::False, "AwaitingArtifact")
-        );
-        assert_eq!(ready.observed_generation, Some(4));
-        assert_eq!(plan.notices.len(), 1);
-        assert_eq!(plan.notices[0].reason, "NewRevision");
+    fn memory_quantities_parse_in_every_unit() {
+        assert_eq!(quantity_bytes("256Mi"), Some(268_435_456.0));
+        assert_eq!(quantity_bytes("1G"), Some(1e9));
+        assert_eq!(quantity_bytes("8047460Ki"), Some(8_047_460.0 * 1024.0));
+        assert_eq!(quantity_bytes("129e6"), Some(129e6));
+        assert_eq!(quantity_bytes("1500m"), Some(1.5));
+        assert_eq!(quantity_bytes("12Qi"), None);
     }
 
     #[test]
-    fn steady_state_plans_the_same_status_and_no_events() {
-        let mut ed = sample();
-        let first = plan(&ed, now());
-        ed.status = Some(first.status.clone());
-        let later = Timestamp::from_second(1_800_000_600).unwrap();
-        let second = plan(&ed, later);
-        assert_eq!(
-            second.status, first.status,
-            "nothing changed, so nothing to write"
-        );
-        assert!(second.notices.is_empty());
-    }
-
-    #[test]
-    fn invalid_spec_fails_with_the_field_named_once() {
-        let mut ed = sample();
-        ed.spec.strategy.type_ = StrategyType::Canary;
-        ed.spec.strategy.canary = Some(CanaryStrategy {
-            traffic_routing: TrafficRouting::default(),
-            steps: vec![CanaryStep::SetWeight(50), CanaryStep::SetWeight(20)],
-        });
-        let first = plan(&ed, now());
-        assert_eq!(first.status.phase, Some(Phase::Failed));
-        let ready = condition::find(&first.status.conditions, READY).unwrap();
-        assert_eq!(ready.reason, "InvalidSpec");
-        assert!(
-            ready
-                .message
-                .contains("spec.strategy.canary.steps[1].setWeight"),
-            "{}",
-            ready.message
-        );
-        assert!(
-            first
-                .notices
-                .iter()
-                .any(|n| n.warning && n.reason == "InvalidSpec")
-        );
-        ed.status = Some(first.status);
-        assert!(
-            plan(&ed, now()).notices.is_empty(),
-            "the warning is not repeated every reconcile"
-        );
+    fn auto_profile_plans_for_the_smallest_selected_node() {
+        let node = |name: &str, edge: bool, mem: &str, cpu: &str| -> Node {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "labels": if edge {serde_json::json!({"tier": "edge"})} else {serde_json::json!({})}},
+                "status": {"allocatable": {"memory": mem, "cpu": cpu}},
+            }))
+            .unwrap()
+        };
+        let nodes = [
+            node("big", false, "64Gi", "16"),
+            node("pi", true, "900Mi", "4"),
+            node("jetson", true, "7Gi", "6"),
+        ];
+        let mut spec = sample().spec;
+        spec.template
+            .node_selector
+            .insert("tier".into(), "edge".into());
+        let p = smallest_node_profile(&spec, &nodes).unwrap();
+        assert_eq!((p.memory_mib, p.cpu_cores), (900, 4));
+        spec.template
+            .node_selector
+            .insert("tier".into(), "gpu".into());
+        assert_eq!(smallest_node_profile(&spec, &nodes), None);
     }
 }

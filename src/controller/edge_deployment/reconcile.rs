@@ -1,27 +1,63 @@
-//! I/O glue: observe the EdgeDeployment, ask `plan`, write status only when it changed.
+//! I/O glue: observe the EdgeDeployment and its children, ask `plan`, apply what changed with
+//! server-side apply under one field manager, write status only when it changed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use super::plan::plan;
+use super::analysis;
+use super::plan::{self, Observed, own_status};
+use super::scrape;
+use super::workload::{self, NAME_LABEL, REVISION_LABEL, Settings};
 use crate::api::EdgeDeployment;
-use crate::controller::context::Context;
+use crate::controller::context::{Context, FIELD_MANAGER};
 use crate::controller::status::apply_status;
 
 pub const CONTROLLER: &str = "edgedeployment";
+
+/// How long one runtime pod may take to answer a metrics scrape.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the EdgeDeployment controller shares across reconciles.
+pub struct EdgeContext {
+    pub base: Arc<Context>,
+    pub settings: Settings,
+    pub http: reqwest::Client,
+    /// The runtime pods' metrics port (tests point it at a local server).
+    pub metrics_port: u16,
+}
+
+impl EdgeContext {
+    pub fn new(base: Arc<Context>, settings: Settings) -> Self {
+        Self {
+            base,
+            settings,
+            http: reqwest::Client::new(),
+            metrics_port: workload::RUNTIME_PORT as u16,
+        }
+    }
+}
 
 /// Errors of the EdgeDeployment controller.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("EdgeDeployment {name} has no namespace")]
     MissingNamespace { name: String },
-    #[error("writing status of EdgeDeployment {namespace}/{name}: {source}")]
-    WriteStatus {
+    #[error("{verb} {what} in namespace {namespace}: {source}")]
+    Api {
+        verb: &'static str,
+        what: String,
         namespace: String,
-        name: String,
         #[source]
         source: kube::Error,
     },
@@ -32,36 +68,264 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::MissingNamespace { .. } => "missing_namespace",
-            Error::WriteStatus { .. } => "write_status",
+            Error::Api { verb, .. } => verb,
         }
     }
 }
 
-pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_started(CONTROLLER);
-    let name = ed.name_any();
-    let namespace = ed
-        .namespace()
-        .ok_or_else(|| Error::MissingNamespace { name: name.clone() })?;
-
-    let plan = plan(&ed, ctx.clock.now());
-
-    if ed.status.as_ref() != Some(&plan.status) {
-        let api: Api<EdgeDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
-        apply_status(&api, &name, &plan.status)
-            .await
-            .map_err(|source| Error::WriteStatus {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                source,
-            })?;
+fn api_error(
+    verb: &'static str,
+    what: impl Into<String>,
+    namespace: &str,
+) -> impl FnOnce(kube::Error) -> Error {
+    let what = what.into();
+    let namespace = namespace.to_owned();
+    move |source| Error::Api {
+        verb,
+        what,
+        namespace,
+        source,
     }
-    ctx.publish(&ed.object_ref(&()), &plan.notices).await;
-    Ok(Action::requeue(Duration::from_secs(600)))
 }
 
-pub fn error_policy(_ed: Arc<EdgeDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+/// Lists the children of `ed` of one kind: labelled with its name and controlled by it.
+async fn children<K>(api: &Api<K>, ed: &EdgeDeployment, ns: &str) -> Result<Vec<K>, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let selector = format!("{NAME_LABEL}={}", ed.name_any());
+    let list = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(api_error("list", K::plural(&()).into_owned(), ns))?;
+    let uid = ed.uid();
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|k| {
+            k.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true))
+        })
+        .collect())
+}
+
+async fn apply<K>(api: &Api<K>, object: &K, ns: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let name = object.name_any();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(api_error("apply", format!("{} {name}", K::kind(&())), ns))?;
+    Ok(())
+}
+
+async fn delete<K>(api: &Api<K>, name: &str, ns: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+        Err(e) => Err(api_error("delete", format!("{} {name}", K::kind(&())), ns)(
+            e,
+        )),
+    }
+}
+
+/// The termination message of a finished build Job's pod (the builder's summary or error).
+async fn build_message(pods: &Api<Pod>, job: &str, ns: &str) -> Result<Option<String>, Error> {
+    let list = pods
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}")))
+        .await
+        .map_err(api_error("list", format!("pods of Job {job}"), ns))?;
+    // The newest attempt's message wins.
+    let mut messages: Vec<(Option<String>, String)> = list
+        .items
+        .iter()
+        .filter_map(|p| {
+            let statuses = p.status.as_ref()?.container_statuses.as_ref()?;
+            let terminated = statuses
+                .iter()
+                .find_map(|c| c.state.as_ref()?.terminated.clone())?;
+            let at = terminated.finished_at.as_ref().map(|t| t.0.to_string());
+            Some((at, terminated.message?))
+        })
+        .collect();
+    messages.sort();
+    Ok(messages.pop().map(|(_, m)| m))
+}
+
+fn route_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+    ))
+}
+
+pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result<Action, Error> {
+    let base = &ctx.base;
+    let _timer = base.metrics.reconcile_started(CONTROLLER);
+    let name = ed.name_any();
+    let ns = ed
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace { name: name.clone() })?;
+    let client = base.client.clone();
+    let now = base.clock.now();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let status = ed.status.clone().unwrap_or_default();
+
+    // Observe.
+    let mut seen = Observed {
+        deployments: children(&deployments, &ed, &ns).await?,
+        services: children(&services, &ed, &ns).await?,
+        jobs: children(&jobs, &ed, &ns).await?,
+        ..Observed::default()
+    };
+    if ed.spec.validate().is_ok() {
+        let target = plan::revision(&ed.spec);
+        if !status.revisions.iter().any(|r| r.name == target) {
+            let job_name = workload::job_name(&ed, &target);
+            match seen.jobs.iter().find(|j| j.name_any() == job_name) {
+                Some(job) => {
+                    let finished = job.status.as_ref().is_some_and(|s| {
+                        s.succeeded.unwrap_or(0) > 0
+                            || s.conditions
+                                .iter()
+                                .flatten()
+                                .any(|c| c.type_ == "Failed" && c.status == "True")
+                    });
+                    if finished {
+                        seen.build_message = build_message(&pods, &job_name, &ns).await?;
+                    }
+                }
+                None if ed.spec.optimization.profile.is_none() => {
+                    let nodes: Api<Node> = Api::all(client.clone());
+                    let list = nodes
+                        .list(&ListParams::default())
+                        .await
+                        .map_err(api_error("list", "nodes", &ns))?;
+                    seen.auto_profile = plan::smallest_node_profile(&ed.spec, &list.items);
+                }
+                None => {}
+            }
+        }
+        let rollout = status.rollout.clone().unwrap_or_default();
+        if let Some(candidate) = rollout.candidate.as_deref()
+            && let Some(spec) = ed.spec.strategy.analysis.as_ref()
+            && analysis::due(Some(spec), status.analysis.as_ref(), candidate, now)
+        {
+            let mut snapshots = vec![];
+            for rev in [Some(candidate), rollout.stable.as_deref()] {
+                let Some(rev) = rev else {
+                    snapshots.push(None);
+                    continue;
+                };
+                let selector = format!("{NAME_LABEL}={name},{REVISION_LABEL}={rev}");
+                let list = pods
+                    .list(&ListParams::default().labels(&selector))
+                    .await
+                    .map_err(api_error("list", format!("pods of revision {rev}"), &ns))?;
+                let urls = scrape::endpoints(&list.items, ctx.metrics_port);
+                snapshots.push(scrape::revision(&ctx.http, &urls, SCRAPE_TIMEOUT).await);
+            }
+            seen.analysis = Some(analysis::measure(
+                spec,
+                candidate,
+                status.analysis.as_ref(),
+                snapshots[0].as_ref(),
+                snapshots[1].as_ref(),
+                now,
+            ));
+        }
+        if let Some(route) = ed
+            .spec
+            .strategy
+            .canary
+            .as_ref()
+            .and_then(|c| c.traffic_routing.gateway_api.as_ref())
+        {
+            let routes: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), &ns, &route_resource());
+            seen.route = routes
+                .get_opt(&route.http_route)
+                .await
+                .map_err(api_error(
+                    "get",
+                    format!("HTTPRoute {}", route.http_route),
+                    &ns,
+                ))?
+                .and_then(|r| serde_json::to_value(r).ok());
+        }
+    }
+
+    // Decide.
+    let plan = plan::plan(&ed, &seen, &ctx.settings, now);
+
+    // Apply: the artifact and workloads first, then traffic, then status.
+    for job in &plan.jobs {
+        apply(&jobs, job, &ns).await?;
+    }
+    for d in &plan.deployments {
+        apply(&deployments, d, &ns).await?;
+    }
+    for s in &plan.services {
+        apply(&services, s, &ns).await?;
+    }
+    if let Some((route, patch)) = &plan.route_patch {
+        let routes: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &ns, &route_resource());
+        routes
+            .patch(route, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map_err(api_error("patch", format!("HTTPRoute {route}"), &ns))?;
+    }
+    for d in &plan.delete_deployments {
+        delete(&deployments, d, &ns).await?;
+    }
+    for s in &plan.delete_services {
+        delete(&services, s, &ns).await?;
+    }
+    for j in &plan.delete_jobs {
+        delete(&jobs, j, &ns).await?;
+    }
+    let eds: Api<EdgeDeployment> = Api::namespaced(client.clone(), &ns);
+    if own_status(&status) != plan.status {
+        apply_status(&eds, &name, &plan.status)
+            .await
+            .map_err(api_error(
+                "write_status",
+                format!("EdgeDeployment {name}"),
+                &ns,
+            ))?;
+    }
+    // Consumed only after its effect is in status: a failure here repeats nothing, because
+    // status remembers the command's token.
+    if let Some(key) = &plan.consume {
+        let patch = serde_json::json!({"metadata": {"annotations": {key: null}}});
+        eds.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(api_error(
+                "consume_annotation",
+                format!("EdgeDeployment {name}"),
+                &ns,
+            ))?;
+    }
+    base.publish(&ed.object_ref(&()), &plan.notices).await;
+    Ok(Action::requeue(plan.requeue))
+}
+
+pub fn error_policy(_ed: Arc<EdgeDeployment>, error: &Error, ctx: Arc<EdgeContext>) -> Action {
     tracing::warn!(%error, "EdgeDeployment reconcile failed");
-    ctx.metrics.reconcile_failed(CONTROLLER, error.kind());
+    ctx.base.metrics.reconcile_failed(CONTROLLER, error.kind());
     Action::requeue(Duration::from_secs(15))
 }

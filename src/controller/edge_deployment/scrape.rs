@@ -1,0 +1,211 @@
+//! Reads the runtime pods' `/metrics` (Prometheus text, parsed by `prometheus-parse`) into the
+//! counters analysis needs, summed over a revision's pods. Scrapes run concurrently with a
+//! timeout; a pod that does not answer is left out, as Prometheus leaves out a failed target.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::Pod;
+
+use super::analysis::Snapshot;
+
+/// Errors reading one pod's metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("GET {url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("GET {url}: HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("parsing the metrics of {url}: {source}")]
+    Parse {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Http { .. } => "scrape_http",
+            Error::Status { .. } => "scrape_status",
+            Error::Parse { .. } => "scrape_parse",
+        }
+    }
+}
+
+/// The runtime's counters in one exposition, summed over models and labels.
+pub fn parse(text: &str) -> std::io::Result<Snapshot> {
+    use prometheus_parse::{Scrape, Value};
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+    let mut snap = Snapshot::default();
+    for sample in &scrape.samples {
+        let scalar = match &sample.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(*v),
+            _ => None,
+        };
+        match (sample.metric.as_str(), &sample.value, scalar) {
+            ("kasmina_requests_total", _, Some(v)) => {
+                snap.requests += v;
+                if sample
+                    .labels
+                    .get("code")
+                    .is_some_and(|c| c.starts_with('5'))
+                {
+                    snap.errors += v;
+                }
+            }
+            ("kasmina_cognitive_load", _, Some(v)) => snap.load += v,
+            ("kasmina_request_duration_seconds", Value::Histogram(buckets), _) => {
+                for b in buckets {
+                    match snap.buckets.iter_mut().find(|(le, _)| *le == b.less_than) {
+                        Some((_, count)) => *count += b.count,
+                        None => snap.buckets.push((b.less_than, b.count)),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    snap.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(snap)
+}
+
+/// Sums snapshots of several pods; the cognitive load is averaged.
+pub fn sum(snapshots: &[Snapshot]) -> Option<Snapshot> {
+    if snapshots.is_empty() {
+        return None;
+    }
+    let mut total = Snapshot::default();
+    for s in snapshots {
+        total.requests += s.requests;
+        total.errors += s.errors;
+        total.load += s.load / snapshots.len() as f64;
+        for &(le, count) in &s.buckets {
+            match total.buckets.iter_mut().find(|(l, _)| *l == le) {
+                Some((_, c)) => *c += count,
+                None => total.buckets.push((le, count)),
+            }
+        }
+    }
+    total.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Some(total)
+}
+
+/// Scrapes one runtime endpoint.
+pub async fn scrape(
+    http: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> Result<Snapshot, Error> {
+    let response = http
+        .get(url)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|source| Error::Http {
+            url: url.to_owned(),
+            source,
+        })?;
+    if !response.status().is_success() {
+        return Err(Error::Status {
+            url: url.to_owned(),
+            status: response.status().as_u16(),
+        });
+    }
+    let text = response.text().await.map_err(|source| Error::Http {
+        url: url.to_owned(),
+        source,
+    })?;
+    parse(&text).map_err(|source| Error::Parse {
+        url: url.to_owned(),
+        source,
+    })
+}
+
+/// The metrics URL of each running, ready pod.
+pub fn endpoints(pods: &[Pod], port: u16) -> Vec<String> {
+    pods.iter()
+        .filter(|p| {
+            let status = p.status.as_ref();
+            let ready = status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            ready && p.metadata.deletion_timestamp.is_none()
+        })
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .map(|ip| {
+            let host = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip
+            };
+            format!("http://{host}:{port}/metrics")
+        })
+        .collect()
+}
+
+/// Scrapes every endpoint concurrently and sums what answered; None when none did.
+pub async fn revision(
+    http: &reqwest::Client,
+    urls: &[String],
+    timeout: Duration,
+) -> Option<Snapshot> {
+    let results = join_all(urls.iter().map(|u| scrape(http, u, timeout))).await;
+    let ok: Vec<Snapshot> = results
+        .into_iter()
+        .filter_map(|r| {
+            r.map_err(|error| tracing::debug!(%error, "scrape failed"))
+                .ok()
+        })
+        .collect();
+    sum(&ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"# HELP kasmina_requests Inference requests by model and HTTP status code.
+# TYPE kasmina_requests counter
+kasmina_requests_total{model="minilm",code="200"} 90
+kasmina_requests_total{model="minilm",code="503"} 10
+# TYPE kasmina_cognitive_load gauge
+kasmina_cognitive_load 0.5
+# TYPE kasmina_request_duration_seconds histogram
+kasmina_request_duration_seconds_sum{model="minilm",outcome="ok"} 2.5
+kasmina_request_duration_seconds_count{model="minilm",outcome="ok"} 90
+kasmina_request_duration_seconds_bucket{le="0.01",model="minilm",outcome="ok"} 50
+kasmina_request_duration_seconds_bucket{le="0.1",model="minilm",outcome="ok"} 90
+kasmina_request_duration_seconds_bucket{le="+Inf",model="minilm",outcome="ok"} 90
+kasmina_request_duration_seconds_bucket{le="0.01",model="minilm",outcome="error"} 10
+kasmina_request_duration_seconds_bucket{le="0.1",model="minilm",outcome="error"} 10
+kasmina_request_duration_seconds_bucket{le="+Inf",model="minilm",outcome="error"} 10
+# EOF
+"#;
+
+    #[test]
+    fn parses_the_runtime_exposition() {
+        let s = parse(TEXT).unwrap();
+        assert_eq!((s.requests, s.errors, s.load), (100.0, 10.0, 0.5));
+        assert_eq!(
+            s.buckets,
+            vec![(0.01, 60.0), (0.1, 100.0), (f64::INFINITY, 100.0)]
+        );
+    }
+
+    #[test]
+    fn sums_pods_and_averages_load() {
+        let a = parse(TEXT).unwrap();
+        let mut b = a.clone();
+        b.load = 1.0;
+        let s = sum(&[a, b]).unwrap();
+        assert_eq!((s.requests, s.errors, s.load), (200.0, 20.0, 0.75));
+        assert_eq!(s.buckets[2], (f64::INFINITY, 200.0));
+        assert!(sum(&[]).is_none());
+    }
+}

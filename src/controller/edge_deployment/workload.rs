@@ -1,0 +1,482 @@
+//! Pure: the child objects of an EdgeDeployment — the build Job of a revision, the runtime
+//! Deployment of each live revision, and its Services. Each carries a controller owner
+//! reference and a hash of its own content, so the reconciler applies only what changed.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvFromSource, HTTPGetAction, HostPathVolumeSource, PodSpec,
+    PodTemplateSpec, Probe, SecretEnvSource, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+
+use crate::api::edge_deployment::{
+    ArtifactStatus, DeviceProfile, EdgeDeployment, PruningMethod, Quantization,
+};
+
+/// Label on every child and runtime pod: the EdgeDeployment's name.
+pub const NAME_LABEL: &str = "kasmina.dev/edge-deployment";
+/// Label with the revision hash on build Jobs, runtime Deployments and their pods.
+pub const REVISION_LABEL: &str = "kasmina.dev/revision";
+/// `build` or `runtime`.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// Hash of the object as Kasmina last applied it; equal hash, no write.
+pub const HASH_ANNOTATION: &str = "kasmina.dev/applied-hash";
+/// The runtime's HTTP port (OIP, health, /metrics).
+pub const RUNTIME_PORT: i32 = 8080;
+/// The port the Services expose.
+pub const SERVICE_PORT: i32 = 80;
+
+/// How the operator's children are made: the image and where artifacts live.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// The operator's image; it holds `kasmina build` and `kasmina serve`.
+    pub image: String,
+    /// Artifact store prefix; artifacts go to `<store>/<namespace>/<name>/<revision>/`.
+    /// `file:///path` mounts that host path into Jobs and pods (single-node clusters, k3s on
+    /// a device); object stores (`s3://`, `gs://`, `az://`) need credentials.
+    pub artifact_store: String,
+    /// A Secret in each EdgeDeployment's namespace with the artifact store's credentials
+    /// (optional: pods start without it).
+    pub artifact_store_secret: Option<String>,
+}
+
+/// Short revision used in object names.
+pub fn rev8(revision: &str) -> &str {
+    &revision[..revision.len().min(8)]
+}
+
+pub fn deployment_name(ed: &EdgeDeployment, revision: &str) -> String {
+    format!("{}-{}", ed.name_any(), rev8(revision))
+}
+
+pub fn job_name(ed: &EdgeDeployment, revision: &str) -> String {
+    format!("{}-build-{}", ed.name_any(), rev8(revision))
+}
+
+/// Where the artifact of `revision` is stored.
+pub fn artifact_uri(settings: &Settings, ed: &EdgeDeployment, revision: &str) -> String {
+    format!(
+        "{}/{}/{}/{revision}/",
+        settings.artifact_store.trim_end_matches('/'),
+        ed.namespace().unwrap_or_default(),
+        ed.name_any()
+    )
+}
+
+fn labels(
+    ed: &EdgeDeployment,
+    revision: Option<&str>,
+    component: &str,
+) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        (NAME_LABEL.to_owned(), ed.name_any()),
+        (COMPONENT_LABEL.to_owned(), component.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "kasmina".to_owned(),
+        ),
+    ]);
+    if let Some(rev) = revision {
+        labels.insert(REVISION_LABEL.to_owned(), rev.to_owned());
+    }
+    labels
+}
+
+fn owner(ed: &EdgeDeployment) -> Vec<OwnerReference> {
+    ed.controller_owner_ref(&()).into_iter().collect()
+}
+
+fn meta(ed: &EdgeDeployment, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: ed.namespace(),
+        labels: Some(labels),
+        owner_references: Some(owner(ed)),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Stamps `object` with the hash of its content (without the stamp).
+pub fn stamp<K: Resource + Serialize>(mut object: K) -> K {
+    let hash = format!(
+        "{:016x}",
+        super::plan::fnv1a64(&serde_json::to_vec(&object).unwrap_or_default())
+    );
+    object
+        .annotations_mut()
+        .insert(HASH_ANNOTATION.to_owned(), hash);
+    object
+}
+
+/// Whether a live object already carries what `desired` would apply.
+pub fn up_to_date<K: Resource>(live: &K, desired: &K) -> bool {
+    let hash = |k: &K| k.meta().annotations.as_ref()?.get(HASH_ANNOTATION).cloned();
+    hash(live).is_some() && hash(live) == hash(desired)
+}
+
+fn store_volume(settings: &Settings) -> Option<(Volume, VolumeMount)> {
+    let path = settings.artifact_store.strip_prefix("file://")?;
+    Some((
+        Volume {
+            name: "artifacts".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: path.to_owned(),
+                type_: Some("DirectoryOrCreate".into()),
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: "artifacts".into(),
+            mount_path: path.to_owned(),
+            ..VolumeMount::default()
+        },
+    ))
+}
+
+fn env_from(secrets: impl IntoIterator<Item = String>) -> Option<Vec<EnvFromSource>> {
+    let list: Vec<EnvFromSource> = secrets
+        .into_iter()
+        .map(|name| EnvFromSource {
+            secret_ref: Some(SecretEnvSource {
+                name,
+                optional: Some(true),
+            }),
+            ..EnvFromSource::default()
+        })
+        .collect();
+    (!list.is_empty()).then_some(list)
+}
+
+fn quantization_arg(q: Quantization) -> &'static str {
+    match q {
+        Quantization::Auto => "auto",
+        Quantization::Q8_0 => "q8_0",
+        Quantization::Q4_0 => "q4_0",
+        Quantization::Q4K => "q4_k",
+        Quantization::F16 => "f16",
+        Quantization::None => "none",
+    }
+}
+
+/// The build Job of `revision`, planning for `profile` (the spec's, or the one `auto` found).
+pub fn build_job(
+    settings: &Settings,
+    ed: &EdgeDeployment,
+    revision: &str,
+    profile: Option<&DeviceProfile>,
+) -> Job {
+    let spec = &ed.spec;
+    let opt = &spec.optimization;
+    let mut args: Vec<String> = vec![
+        "build".into(),
+        "--source".into(),
+        spec.model.source.uri.clone(),
+        "--architecture".into(),
+        serde_json::to_value(spec.model.architecture)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        "--quantization".into(),
+        quantization_arg(opt.quantization).into(),
+        "--max-quality-loss".into(),
+        opt.max_quality_loss.to_string(),
+        "--name".into(),
+        spec.model.name.clone(),
+        "--version".into(),
+        spec.model.version.clone(),
+        "--out".into(),
+        artifact_uri(settings, ed, revision),
+        "--termination-log".into(),
+        "/dev/termination-log".into(),
+    ];
+    if let Some(p) = profile {
+        args.push("--profile".into());
+        args.push(format!(
+            "memoryMiB={},cpuCores={}",
+            p.memory_mib, p.cpu_cores
+        ));
+    }
+    if let Some(pruning) = &opt.pruning {
+        args.push("--pruning".into());
+        args.push(match pruning.method {
+            PruningMethod::Magnitude => format!("magnitude:{}", pruning.sparsity.unwrap_or(0.0)),
+            PruningMethod::SemiStructured24 => "2:4".into(),
+        });
+    }
+    let (volumes, mounts) = store_volume(settings).unzip();
+    let secrets = spec
+        .model
+        .source
+        .credentials_secret_ref
+        .iter()
+        .map(|s| s.name.clone())
+        .chain(settings.artifact_store_secret.clone());
+    let labels = labels(ed, Some(revision), "build");
+    stamp(Job {
+        metadata: meta(ed, job_name(ed, revision), labels.clone()),
+        spec: Some(JobSpec {
+            backoff_limit: Some(1),
+            // The outcome is copied into status; the Job only needs to outlive one reconcile.
+            ttl_seconds_after_finished: Some(3600),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    containers: vec![Container {
+                        name: "build".into(),
+                        image: Some(settings.image.clone()),
+                        args: Some(args),
+                        env_from: env_from(secrets),
+                        volume_mounts: mounts.map(|m| vec![m]),
+                        // The builder's own error text becomes the termination message.
+                        termination_message_policy: Some("FallbackToLogsOnError".into()),
+                        ..Container::default()
+                    }],
+                    volumes: volumes.map(|v| vec![v]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    })
+}
+
+fn probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+/// The runtime Deployment of one live revision.
+pub fn runtime_deployment(
+    settings: &Settings,
+    ed: &EdgeDeployment,
+    revision: &str,
+    artifact: &ArtifactStatus,
+    replicas: i32,
+) -> Deployment {
+    let template = &ed.spec.template;
+    let selector = BTreeMap::from([
+        (NAME_LABEL.to_owned(), ed.name_any()),
+        (REVISION_LABEL.to_owned(), revision.to_owned()),
+    ]);
+    let labels = labels(ed, Some(revision), "runtime");
+    let (volumes, mounts) = store_volume(settings).unzip();
+    let uri = artifact
+        .uri
+        .clone()
+        .unwrap_or_else(|| artifact_uri(settings, ed, revision));
+    let args = vec![
+        "serve".into(),
+        "--artifact".into(),
+        uri,
+        "--expect-digest".into(),
+        artifact.digest.clone(),
+        "--port".into(),
+        RUNTIME_PORT.to_string(),
+        "--revision".into(),
+        revision.to_owned(),
+        // Endpoints take a few seconds to drop a terminating pod: keep serving meanwhile.
+        "--drain-delay".into(),
+        "5s".into(),
+    ];
+    stamp(Deployment {
+        metadata: meta(ed, deployment_name(ed, revision), labels.clone()),
+        spec: DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..DeploymentStrategy::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![Container {
+                        name: "runtime".into(),
+                        image: Some(settings.image.clone()),
+                        args: Some(args),
+                        ports: Some(vec![ContainerPort {
+                            name: Some("http".into()),
+                            container_port: RUNTIME_PORT,
+                            ..ContainerPort::default()
+                        }]),
+                        readiness_probe: Some(probe("/v2/health/ready", 2)),
+                        liveness_probe: Some(probe("/v2/health/live", 10)),
+                        resources: template.resources.clone(),
+                        env_from: env_from(settings.artifact_store_secret.clone()),
+                        volume_mounts: mounts.map(|m| vec![m]),
+                        ..Container::default()
+                    }],
+                    volumes: volumes.map(|v| vec![v]),
+                    node_selector: (!template.node_selector.is_empty())
+                        .then(|| template.node_selector.clone()),
+                    tolerations: (!template.tolerations.is_empty())
+                        .then(|| template.tolerations.clone()),
+                    affinity: template.affinity.clone(),
+                    priority_class_name: template.priority_class_name.clone(),
+                    // drain delay + drain timeout of the runtime.
+                    termination_grace_period_seconds: Some(40),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        },
+        status: None,
+    })
+}
+
+/// A Service named `name` over the runtime pods; `revision` narrows it to one revision
+/// (None: every live revision, which is how `replicaRatio` splits traffic).
+pub fn service(ed: &EdgeDeployment, name: String, revision: Option<&str>) -> Service {
+    let mut selector = BTreeMap::from([(NAME_LABEL.to_owned(), ed.name_any())]);
+    if let Some(rev) = revision {
+        selector.insert(REVISION_LABEL.to_owned(), rev.to_owned());
+    }
+    stamp(Service {
+        metadata: meta(ed, name, labels(ed, None, "runtime")),
+        spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: SERVICE_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::edge_deployment::plan::tests::sample;
+
+    fn settings() -> Settings {
+        Settings {
+            image: "kasmina:0.1.0".into(),
+            artifact_store: "s3://artifacts/kasmina/".into(),
+            artifact_store_secret: Some("artifact-store".into()),
+        }
+    }
+
+    #[test]
+    fn build_job_writes_under_the_store_and_reports_through_the_termination_message() {
+        let mut ed = sample();
+        ed.metadata.uid = Some("uid-1".into());
+        ed.spec.model.source.credentials_secret_ref =
+            Some(crate::api::edge_deployment::SecretRef { name: "hf".into() });
+        let profile = DeviceProfile {
+            memory_mib: 256,
+            cpu_cores: 2,
+            accelerator: Default::default(),
+        };
+        let job = build_job(&settings(), &ed, "0123456789abcdef", Some(&profile));
+        assert_eq!(job.name_any(), "sentiment-build-01234567");
+        assert_eq!(job.owner_references()[0].uid, "uid-1");
+        assert_eq!(job.owner_references()[0].controller, Some(true));
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let c = &pod.containers[0];
+        let args = c.args.clone().unwrap().join(" ");
+        assert!(
+            args.contains("--out s3://artifacts/kasmina/ml/sentiment/0123456789abcdef/"),
+            "{args}"
+        );
+        assert!(
+            args.contains("--profile memoryMiB=256,cpuCores=2"),
+            "{args}"
+        );
+        assert!(args.contains("--termination-log /dev/termination-log"));
+        let secrets: Vec<_> = c
+            .env_from
+            .iter()
+            .flatten()
+            .filter_map(|e| e.secret_ref.as_ref().map(|s| s.name.as_str()))
+            .collect();
+        assert_eq!(secrets, ["hf", "artifact-store"]);
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    }
+
+    #[test]
+    fn runtime_deployment_serves_the_verified_digest_with_oip_probes() {
+        let ed = sample();
+        let artifact = ArtifactStatus {
+            digest: "sha256:abc".into(),
+            uri: Some("s3://a/b/".into()),
+            ..ArtifactStatus::default()
+        };
+        let d = runtime_deployment(&settings(), &ed, "0123456789abcdef", &artifact, 3);
+        assert_eq!(d.name_any(), "sentiment-01234567");
+        let spec = d.spec;
+        assert_eq!(spec.replicas, Some(3));
+        let c = &spec.template.spec.unwrap().containers[0];
+        let args = c.args.clone().unwrap().join(" ");
+        assert!(args.starts_with("serve --artifact s3://a/b/ --expect-digest sha256:abc"));
+        let ready = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(ready.path.as_deref(), Some("/v2/health/ready"));
+        assert_eq!(
+            spec.template.metadata.unwrap().labels.unwrap()[REVISION_LABEL],
+            "0123456789abcdef"
+        );
+    }
+
+    #[test]
+    fn the_hash_changes_with_the_content_only() {
+        let ed = sample();
+        let a = service(&ed, "sentiment".into(), Some("r1"));
+        let b = service(&ed, "sentiment".into(), Some("r1"));
+        let c = service(&ed, "sentiment".into(), Some("r2"));
+        assert!(up_to_date(&a, &b));
+        assert!(!up_to_date(&a, &c));
+        let mut unstamped = a.clone();
+        unstamped.metadata.annotations = None;
+        assert!(
+            !up_to_date(&unstamped, &a),
+            "a live object without the stamp is re-applied"
+        );
+    }
+
+    #[test]
+    fn a_file_store_is_mounted_from_the_host() {
+        let mut s = settings();
+        s.artifact_store = "file:///var/lib/kasmina".into();
+        let job = build_job(&s, &sample(), "r", None);
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        assert_eq!(
+            pod.volumes.unwrap()[0].host_path.as_ref().unwrap().path,
+            "/var/lib/kasmina"
+        );
+    }
+}
