@@ -1,0 +1,545 @@
+//! The EdgeDeployment reconciler against a scripted API server (tower-test): a small in-memory
+//! store answering list, get, server-side apply, merge patch, status and delete, recording
+//! every request. Covers new revision → Job; Job done → Deployment + Services; canary step →
+//! weight change; failed analysis → rollback (scraping a real HTTP metrics endpoint); and a
+//! steady state that writes nothing.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use k8s_openapi::jiff::Timestamp;
+use kasmina::api::EdgeDeployment;
+use kasmina::controller::context::{Context, FixedClock, Metrics};
+use kasmina::controller::edge_deployment::plan::{self, NAME_LABEL};
+use kasmina::controller::edge_deployment::reconcile::{EdgeContext, reconcile};
+use kasmina::controller::edge_deployment::workload::Settings;
+use kube::Client;
+use kube::client::Body;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tower_test::mock;
+
+const NOW: i64 = 1_800_000_000;
+const ED_PATH: &str = "/apis/kasmina.dev/v1alpha1/namespaces/ml/edgedeployments/sentiment";
+const JOBS: &str = "/apis/batch/v1/namespaces/ml/jobs";
+const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/ml/deployments";
+const SERVICES: &str = "/api/v1/namespaces/ml/services";
+
+/// What the fake API server holds and was asked.
+#[derive(Default)]
+struct Store {
+    objects: BTreeMap<String, Value>,
+    requests: Vec<(Method, String)>,
+}
+
+impl Store {
+    fn writes(&self) -> Vec<String> {
+        self.requests
+            .iter()
+            .filter(|(m, p)| *m != Method::GET && !p.contains("/events"))
+            .map(|(m, p)| format!("{m} {p}"))
+            .collect()
+    }
+}
+
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn labels_match(object: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        object["metadata"]["labels"][k].as_str() == Some(v)
+    })
+}
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| {
+            v.replace("%3D", "=")
+                .replace("%2C", ",")
+                .replace("%2F", "/")
+        })
+    })
+}
+
+fn answer(
+    store: &mut Store,
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    let not_found = || {
+        (
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{path} not found")}),
+        )
+    };
+    if path.ends_with("/events") {
+        return (StatusCode::CREATED, body);
+    }
+    match *method {
+        Method::GET => {
+            if let Some(o) = store.objects.get(path) {
+                return (StatusCode::OK, o.clone());
+            }
+            let prefix = format!("{path}/");
+            let selector = query_param(query, "labelSelector").unwrap_or_default();
+            let items: Vec<Value> = store
+                .objects
+                .iter()
+                .filter(|(p, o)| {
+                    p.starts_with(&prefix)
+                        && !p[prefix.len()..].contains('/')
+                        && labels_match(o, &selector)
+                })
+                .map(|(_, o)| o.clone())
+                .collect();
+            if path.ends_with('s') && !store.objects.contains_key(path) {
+                return (
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items}),
+                );
+            }
+            not_found()
+        }
+        Method::PATCH if path.ends_with("/status") => {
+            let object = path.trim_end_matches("/status");
+            let Some(o) = store.objects.get_mut(object) else {
+                return not_found();
+            };
+            o["status"] = body["status"].clone();
+            (StatusCode::OK, o.clone())
+        }
+        Method::PATCH if query.contains("fieldManager") => {
+            let mut o = body;
+            if let Some(old) = store.objects.get(path) {
+                o["status"] = old["status"].clone();
+            }
+            store.objects.insert(path.to_owned(), o.clone());
+            (StatusCode::OK, o)
+        }
+        Method::PATCH => {
+            let Some(o) = store.objects.get_mut(path) else {
+                return not_found();
+            };
+            merge(o, &body);
+            (StatusCode::OK, o.clone())
+        }
+        Method::DELETE => match store.objects.remove(path) {
+            Some(_) => (
+                StatusCode::OK,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            ),
+            None => not_found(),
+        },
+        _ => (StatusCode::METHOD_NOT_ALLOWED, json!({})),
+    }
+}
+
+/// A running fake API server and the reconciler's context around it.
+struct Cluster {
+    store: Arc<Mutex<Store>>,
+    ctx: Arc<EdgeContext>,
+}
+
+impl Cluster {
+    fn new(now: i64, metrics_port: u16) -> Self {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let store = Arc::new(Mutex::new(Store::default()));
+        let served = store.clone();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().clone();
+                let path = request.uri().path().to_owned();
+                let query = request.uri().query().unwrap_or("").to_owned();
+                let bytes = request.into_body().collect().await.unwrap().to_bytes();
+                let body = if bytes.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&bytes).unwrap()
+                };
+                let (status, reply) = {
+                    let mut s = served.lock().unwrap();
+                    s.requests.push((method.clone(), path.clone()));
+                    answer(&mut s, &method, &path, &query, body)
+                };
+                send.send_response(
+                    Response::builder()
+                        .status(status)
+                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                        .unwrap(),
+                );
+            }
+        });
+        let client = Client::new(service, "default");
+        let metrics = Arc::new(Metrics::register(&mut Registry::default()));
+        let clock = Arc::new(FixedClock(Timestamp::from_second(now).unwrap()));
+        let base = Arc::new(Context::new(client, metrics, clock, Some("test".into())));
+        let settings = Settings {
+            image: "kasmina:0.1.0".into(),
+            artifact_store: "s3://artifacts".into(),
+            artifact_store_secret: None,
+        };
+        let mut ctx = EdgeContext::new(base, settings);
+        ctx.metrics_port = metrics_port;
+        Self {
+            store,
+            ctx: Arc::new(ctx),
+        }
+    }
+
+    fn put(&self, path: &str, object: Value) {
+        self.store
+            .lock()
+            .unwrap()
+            .objects
+            .insert(path.to_owned(), object);
+    }
+
+    fn get(&self, path: &str) -> Value {
+        self.store
+            .lock()
+            .unwrap()
+            .objects
+            .get(path)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {path}"))
+    }
+
+    fn has(&self, path: &str) -> bool {
+        self.store.lock().unwrap().objects.contains_key(path)
+    }
+
+    fn ed(&self) -> EdgeDeployment {
+        serde_json::from_value(self.get(ED_PATH)).unwrap()
+    }
+
+    /// One reconcile of the stored EdgeDeployment; returns the writes it made.
+    async fn reconcile(&self) -> Vec<String> {
+        self.store.lock().unwrap().requests.clear();
+        reconcile(Arc::new(self.ed()), self.ctx.clone())
+            .await
+            .unwrap();
+        self.store.lock().unwrap().writes()
+    }
+
+    /// Marks every Deployment fully available and every Job finished (with `message`).
+    fn settle(&self) {
+        let mut s = self.store.lock().unwrap();
+        for (path, o) in s.objects.iter_mut() {
+            if path.starts_with(DEPLOYMENTS) {
+                let n = o["spec"]["replicas"].clone();
+                o["status"] = json!({"replicas": n, "readyReplicas": n, "availableReplicas": n, "updatedReplicas": n});
+            }
+        }
+    }
+
+    fn finish_job(&self, job: &str, message: &str) {
+        let path = format!("{JOBS}/{job}");
+        let mut o = self.get(&path);
+        o["status"] = json!({"succeeded": 1});
+        let labels = o["spec"]["template"]["metadata"]["labels"].clone();
+        self.put(&path, o);
+        let mut pod_labels = labels;
+        pod_labels["batch.kubernetes.io/job-name"] = json!(job);
+        self.put(
+            &format!("/api/v1/namespaces/ml/pods/{job}-abcde"),
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("{job}-abcde"), "namespace": "ml", "labels": pod_labels},
+                   "status": {"containerStatuses": [{"name": "build", "image": "kasmina", "imageID": "", "ready": false, "restartCount": 0,
+                              "state": {"terminated": {"exitCode": 0, "message": message, "finishedAt": "2027-01-15T07:59:00Z"}}}]}}),
+        );
+    }
+}
+
+fn summary(digest: &str) -> String {
+    json!({"digest": digest, "uri": "s3://artifacts/ml/sentiment/x/", "sizeBytes": 22_000_000, "originalSizeBytes": 90_000_000,
+           "quantization": "q8_0", "dtypeMix": {}, "sparsity": 0.0, "qualityLoss": 0.001, "minCosine": 0.999,
+           "signed": false, "encrypted": false})
+    .to_string()
+}
+
+fn edge_deployment(version: &str, strategy: Value) -> Value {
+    json!({
+        "apiVersion": "kasmina.dev/v1alpha1", "kind": "EdgeDeployment",
+        "metadata": {"name": "sentiment", "namespace": "ml", "generation": 1, "uid": "ed-uid"},
+        "spec": {"model": {"name": "minilm", "version": version,
+                           "source": {"uri": "s3://models/minilm/"}, "architecture": "bert"},
+                 "optimization": {"profile": {"memoryMiB": 256}},
+                 "replicas": 3, "strategy": strategy},
+    })
+}
+
+fn canary() -> Value {
+    json!({"type": "Canary",
+           "canary": {"steps": [{"setWeight": 20}, {"analysis": {"iterations": 3}}, {"setWeight": 60}]},
+           "analysis": {"interval": "30s", "failureLimit": 0, "checks": [{"metric": "errorRate", "max": 0.05}]}})
+}
+
+fn revision_of(ed: &Value) -> String {
+    let ed: EdgeDeployment = serde_json::from_value(ed.clone()).unwrap();
+    plan::revision(&ed.spec)
+}
+
+/// Brings the first version to Healthy: build, serve, promote.
+async fn serving(cluster: &Cluster, strategy: Value) -> String {
+    let ed = edge_deployment("1.0.0", strategy);
+    let rev = revision_of(&ed);
+    cluster.put(ED_PATH, ed);
+    cluster.reconcile().await;
+    cluster.finish_job(
+        &format!("sentiment-build-{}", &rev[..8]),
+        &summary("sha256:one"),
+    );
+    for _ in 0..4 {
+        cluster.reconcile().await;
+        cluster.settle();
+    }
+    assert_eq!(
+        cluster.ed().status.unwrap().phase,
+        Some(kasmina::api::edge_deployment::Phase::Healthy)
+    );
+    rev
+}
+
+async fn new_version(cluster: &Cluster, version: &str) -> String {
+    let mut ed = cluster.get(ED_PATH);
+    ed["spec"]["model"]["version"] = json!(version);
+    ed["metadata"]["generation"] = json!(2);
+    let rev = revision_of(&ed);
+    cluster.put(ED_PATH, ed);
+    rev
+}
+
+#[tokio::test]
+async fn a_new_revision_creates_its_build_job() {
+    let cluster = Cluster::new(NOW, 0);
+    let ed = edge_deployment("1.0.0", json!({}));
+    let rev = revision_of(&ed);
+    cluster.put(ED_PATH, ed);
+    let writes = cluster.reconcile().await;
+    let job = format!("{JOBS}/sentiment-build-{}", &rev[..8]);
+    assert!(writes.contains(&format!("PATCH {job}")), "{writes:?}");
+    let job = cluster.get(&job);
+    assert_eq!(job["metadata"]["ownerReferences"][0]["uid"], "ed-uid");
+    assert_eq!(job["metadata"]["labels"][NAME_LABEL], "sentiment");
+    let args = job["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains(&format!("s3://artifacts/ml/sentiment/{rev}/")),
+        "{args}"
+    );
+    let status = cluster.ed().status.unwrap();
+    assert_eq!(
+        status.phase,
+        Some(kasmina::api::edge_deployment::Phase::Building)
+    );
+    assert_eq!(status.target_revision.as_deref(), Some(rev.as_str()));
+}
+
+#[tokio::test]
+async fn a_finished_job_becomes_a_deployment_and_services() {
+    let cluster = Cluster::new(NOW, 0);
+    let ed = edge_deployment("1.0.0", json!({"type": "BlueGreen"}));
+    let rev = revision_of(&ed);
+    cluster.put(ED_PATH, ed);
+    cluster.reconcile().await;
+    cluster.finish_job(
+        &format!("sentiment-build-{}", &rev[..8]),
+        &summary("sha256:one"),
+    );
+    let writes = cluster.reconcile().await;
+    let deployment = format!("{DEPLOYMENTS}/sentiment-{}", &rev[..8]);
+    assert!(
+        writes.contains(&format!("PATCH {deployment}")),
+        "{writes:?}"
+    );
+    assert!(
+        cluster.has(&format!("{SERVICES}/sentiment"))
+            && cluster.has(&format!("{SERVICES}/sentiment-preview"))
+    );
+    let d = cluster.get(&deployment);
+    let args = d["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("\"--expect-digest\",\"sha256:one\""),
+        "{args}"
+    );
+    assert_eq!(d["metadata"]["ownerReferences"][0]["controller"], true);
+    let status = cluster.ed().status.unwrap();
+    assert_eq!(status.artifact.unwrap().digest, "sha256:one");
+    // Ready once the pods are.
+    cluster.settle();
+    cluster.reconcile().await;
+    let ed = cluster.ed();
+    let ready = ed
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert!(ready.is_true(), "{ready:?}");
+}
+
+#[tokio::test]
+async fn steady_state_writes_nothing() {
+    let cluster = Cluster::new(NOW, 0);
+    serving(&cluster, canary()).await;
+    let writes = cluster.reconcile().await;
+    assert!(writes.is_empty(), "steady state wrote: {writes:?}");
+    let requests = cluster.store.lock().unwrap().requests.len();
+    assert_eq!(
+        requests, 3,
+        "one list each of Deployments, Services and Jobs"
+    );
+}
+
+#[tokio::test]
+async fn a_canary_step_changes_the_weight() {
+    let cluster = Cluster::new(NOW, 0);
+    let stable = serving(&cluster, canary()).await;
+    let candidate = new_version(&cluster, "2.0.0").await;
+    cluster.reconcile().await;
+    cluster.finish_job(
+        &format!("sentiment-build-{}", &candidate[..8]),
+        &summary("sha256:two"),
+    );
+    cluster.reconcile().await; // artifact recorded, candidate starts with no pods
+    cluster.settle();
+    let writes = cluster.reconcile().await; // setWeight 20
+    let c = format!("{DEPLOYMENTS}/sentiment-{}", &candidate[..8]);
+    let s = format!("{DEPLOYMENTS}/sentiment-{}", &stable[..8]);
+    assert!(
+        writes.contains(&format!("PATCH {c}")) && writes.contains(&format!("PATCH {s}")),
+        "{writes:?}"
+    );
+    assert_eq!(cluster.get(&c)["spec"]["replicas"], 1);
+    assert_eq!(cluster.get(&s)["spec"]["replicas"], 2);
+    cluster.settle();
+    cluster.reconcile().await;
+    let status = cluster.ed().status.unwrap();
+    assert_eq!(status.canary_weight, Some(33));
+    assert_eq!(status.current_step, Some(1));
+    assert_eq!(status.canary_revision.as_deref(), Some(candidate.as_str()));
+}
+
+#[tokio::test]
+async fn failed_analysis_rolls_back_to_stable() {
+    // The candidate's runtime: 40 of 100 requests failed since the baseline.
+    let metrics = "# TYPE kasmina_requests counter\n\
+        kasmina_requests_total{model=\"minilm\",code=\"200\"} 60\n\
+        kasmina_requests_total{model=\"minilm\",code=\"500\"} 40\n\
+        # TYPE kasmina_cognitive_load gauge\nkasmina_cognitive_load 0.2\n# EOF\n";
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || async move { metrics }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let cluster = Cluster::new(NOW, port);
+    let stable = serving(&cluster, canary()).await;
+    let candidate = new_version(&cluster, "2.0.0").await;
+    cluster.reconcile().await;
+    cluster.finish_job(
+        &format!("sentiment-build-{}", &candidate[..8]),
+        &summary("sha256:two"),
+    );
+    for _ in 0..3 {
+        cluster.reconcile().await;
+        cluster.settle();
+    }
+    // At the analysis step, with a baseline of zero counters one interval ago.
+    let mut ed = cluster.get(ED_PATH);
+    assert_eq!(ed["status"]["currentStep"], 1, "{:#}", ed["status"]);
+    ed["status"]["analysis"] = json!({"revision": candidate, "baseline": {"at": "2027-01-15T07:59:00Z",
+        "candidate": {"requests": 0.0, "errors": 0.0, "buckets": []}}});
+    cluster.put(ED_PATH, ed);
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "canary-pod", "namespace": "ml", "labels": {NAME_LABEL: "sentiment", "kasmina.dev/revision": candidate}},
+        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}});
+    cluster.put("/api/v1/namespaces/ml/pods/canary-pod", pod);
+
+    let writes = cluster.reconcile().await;
+    let c = format!("{DEPLOYMENTS}/sentiment-{}", &candidate[..8]);
+    assert!(
+        writes.contains(&format!("DELETE {c}")),
+        "canary scaled away: {writes:?}"
+    );
+    assert_eq!(
+        cluster.get(&format!("{DEPLOYMENTS}/sentiment-{}", &stable[..8]))["spec"]["replicas"],
+        3
+    );
+    let status = cluster.ed().status.unwrap();
+    assert_eq!(
+        status.phase,
+        Some(kasmina::api::edge_deployment::Phase::RolledBack)
+    );
+    assert_eq!(status.stable_revision.as_deref(), Some(stable.as_str()));
+    let record = &status.history[0];
+    assert_eq!(
+        record.outcome,
+        kasmina::api::edge_deployment::RolloutOutcome::RolledBack
+    );
+    assert!(
+        record.reason.contains("error rate 0.400 > 0.050"),
+        "{}",
+        record.reason
+    );
+    assert_eq!(status.analysis.unwrap().values["errorRate"], 0.4);
+}
+
+#[tokio::test]
+async fn a_promote_annotation_is_consumed() {
+    let cluster = Cluster::new(NOW, 0);
+    serving(
+        &cluster,
+        json!({"type": "BlueGreen", "blueGreen": {"autoPromote": false}}),
+    )
+    .await;
+    let candidate = new_version(&cluster, "2.0.0").await;
+    cluster.reconcile().await;
+    cluster.finish_job(
+        &format!("sentiment-build-{}", &candidate[..8]),
+        &summary("sha256:two"),
+    );
+    for _ in 0..3 {
+        cluster.reconcile().await;
+        cluster.settle();
+    }
+    assert_eq!(
+        cluster.ed().status.unwrap().phase,
+        Some(kasmina::api::edge_deployment::Phase::Paused)
+    );
+    let mut ed = cluster.get(ED_PATH);
+    ed["metadata"]["annotations"] = json!({"kasmina.dev/promote": "2027-01-15T08:00:00Z"});
+    cluster.put(ED_PATH, ed);
+    let writes = cluster.reconcile().await;
+    assert!(writes.contains(&format!("PATCH {ED_PATH}")), "{writes:?}");
+    let ed = cluster.get(ED_PATH);
+    assert!(
+        ed["metadata"]["annotations"]
+            .get("kasmina.dev/promote")
+            .is_none()
+    );
+    assert_eq!(ed["status"]["stableRevision"], json!(candidate));
+    assert_eq!(
+        cluster.get(&format!("{SERVICES}/sentiment"))["spec"]["selector"]["kasmina.dev/revision"],
+        json!(candidate)
+    );
+}
