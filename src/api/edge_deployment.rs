@@ -610,6 +610,7 @@ pub struct RolloutState {
     /// The previous stable revision, kept running until `scaleDownAt` for an instant rollback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
+    /// When the previous stable revision is scaled down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_down_at: Option<Time>,
     /// A revision that was rolled back; it is not tried again until `retry` or a new target.
@@ -660,8 +661,11 @@ pub struct AnalysisStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AnalysisBaseline {
+    /// When the counters were read.
     pub at: Time,
+    /// The candidate revision's counters.
     pub candidate: Counters,
+    /// The stable revision's counters, for limits relative to stable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable: Option<Counters>,
 }
@@ -670,7 +674,9 @@ pub struct AnalysisBaseline {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Counters {
+    /// `kasmina_requests_total`, all codes.
     pub requests: f64,
+    /// `kasmina_requests_total` with a 5xx code.
     pub errors: f64,
     /// Cumulative latency histogram buckets, ascending, `+Inf` last.
     #[serde(default)]
@@ -682,6 +688,7 @@ pub struct Counters {
 pub struct Bucket {
     /// Upper bound in seconds, or `+Inf`.
     pub le: String,
+    /// Requests at or under the bound.
     pub count: f64,
 }
 
