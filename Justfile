@@ -41,6 +41,13 @@ e2e:
 kind-up:
     kind create cluster --name kasmina --wait 120s
 
+# Load the operator image and the model into the kind node for the rollout e2e test
+e2e-setup: fetch-model
+    docker build -t kasmina:0.1.0 .
+    kind load docker-image kasmina:0.1.0 --name kasmina
+    docker exec kasmina-control-plane mkdir -p /var/lib/kasmina/models
+    docker cp {{model_dir}} kasmina-control-plane:/var/lib/kasmina/models/minilm
+
 # Benchmarks (criterion); figures go to docs/benchmarks.md
 bench:
     cargo bench

@@ -41,11 +41,14 @@ struct Controller(Child);
 
 impl Controller {
     fn start() -> Self {
+        let image = std::env::var("KASMINA_E2E_IMAGE").unwrap_or_else(|_| "kasmina:0.1.0".into());
         let child = Command::new(env!("CARGO_BIN_EXE_kasmina"))
             .args([
                 "controller",
                 "--leader-elect=false",
                 "--metrics-addr=127.0.0.1:0",
+                &format!("--image={image}"),
+                "--artifact-store=file:///var/lib/kasmina/artifacts",
             ])
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
@@ -190,9 +193,13 @@ async fn examples_reach_their_first_status() {
         "observedGeneration and a revision",
         |ed| {
             ed.status.as_ref().is_some_and(|s| {
+                // Building, or NoMatchingNodes when no node carries the example's edge label.
                 s.observed_generation == generation
                     && s.target_revision.is_some()
-                    && has_condition(&s.conditions, "Ready", "False", "AwaitingArtifact")
+                    && s.conditions.iter().any(|c| c.type_ == "ArtifactReady")
+                    && s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && !c.is_true())
             })
         },
     )
@@ -269,4 +276,119 @@ async fn schema_rejects_an_invalid_object_naming_the_field() {
         .await
         .expect_err("the apiserver must reject setWeight 150");
     assert!(error.to_string().contains("setWeight"), "{error}");
+}
+
+/// The whole path on a real cluster: the image must be loaded into it and the model copied to
+/// the node at /var/lib/kasmina/models/minilm (`just e2e-setup` does both on kind).
+#[tokio::test]
+#[ignore = "needs a cluster: `just e2e` with KUBECONFIG set"]
+async fn a_new_version_is_built_served_and_rolled_out() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::Service;
+    use kasmina::api::edge_deployment::{Phase, RolloutOutcome};
+    use kasmina::controller::edge_deployment::plan::revision;
+
+    let client = cluster().await;
+    install_crds(&client).await;
+    ensure_namespace(&client, "e2e-rollout").await;
+    let _controller = Controller::start();
+    let eds = Api::<EdgeDeployment>::namespaced(client.clone(), "e2e-rollout");
+    let mut ed: EdgeDeployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kasmina.dev/v1alpha1", "kind": "EdgeDeployment",
+        "metadata": {"name": "minilm", "namespace": "e2e-rollout"},
+        "spec": {"model": {"name": "minilm", "version": "1.0.0",
+                           "source": {"uri": "file:///var/lib/kasmina/models/minilm"}, "architecture": "bert"},
+                 "optimization": {"profile": {"memoryMiB": 256}, "quantization": "q8_0"},
+                 "replicas": 1, "strategy": {"type": "BlueGreen", "blueGreen": {"scaleDownDelaySeconds": 5}}},
+    }))
+    .unwrap();
+    let first = revision(&ed.spec);
+    eds.patch(
+        "minilm",
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&ed),
+    )
+    .await
+    .unwrap();
+
+    let jobs = Api::<Job>::namespaced(client.clone(), "e2e-rollout");
+    eventually(
+        jobs,
+        &format!("minilm-build-{}", &first[..8]),
+        "the build Job",
+        |j| {
+            j.owner_references()
+                .iter()
+                .any(|o| o.kind == "EdgeDeployment")
+        },
+    )
+    .await;
+    let healthy = |rev: String| {
+        move |ed: &EdgeDeployment| {
+            ed.status.as_ref().is_some_and(|s| {
+                s.phase == Some(Phase::Healthy)
+                    && s.stable_revision.as_deref() == Some(rev.as_str())
+            })
+        }
+    };
+    tokio::time::timeout(
+        Duration::from_secs(300),
+        await_condition(eds.clone(), "minilm", move |o: Option<&EdgeDeployment>| {
+            o.is_some_and(healthy(first.clone()))
+        }),
+    )
+    .await
+    .expect("the first version serves within 5 minutes")
+    .unwrap();
+    let first = revision(&ed.spec);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), "e2e-rollout");
+    assert!(
+        deployments
+            .get_opt(&format!("minilm-{}", &first[..8]))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let services = Api::<Service>::namespaced(client.clone(), "e2e-rollout");
+    for name in ["minilm", "minilm-preview"] {
+        assert!(
+            services.get_opt(name).await.unwrap().is_some(),
+            "Service {name}"
+        );
+    }
+
+    ed.spec.model.version = "2.0.0".into();
+    let second = revision(&ed.spec);
+    eds.patch(
+        "minilm",
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&ed),
+    )
+    .await
+    .unwrap();
+    let want = second.clone();
+    tokio::time::timeout(
+        Duration::from_secs(300),
+        await_condition(eds.clone(), "minilm", move |o: Option<&EdgeDeployment>| {
+            o.is_some_and(healthy(want.clone()))
+        }),
+    )
+    .await
+    .expect("the second version is promoted within 5 minutes")
+    .unwrap();
+    let status = eds.get("minilm").await.unwrap().status.unwrap();
+    assert_eq!(status.history[0].outcome, RolloutOutcome::Promoted);
+    assert_eq!(status.history[0].revision, second);
+    let old = format!("minilm-{}", &first[..8]);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while deployments.get_opt(&old).await.unwrap().is_some() {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
+    .await
+    .expect("the old revision is scaled away after the delay");
+    eds.delete("minilm", &DeleteParams::default())
+        .await
+        .unwrap();
 }

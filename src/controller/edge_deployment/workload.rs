@@ -210,7 +210,25 @@ pub fn build_job(
             PruningMethod::SemiStructured24 => "2:4".into(),
         });
     }
-    let (volumes, mounts) = store_volume(settings).unzip();
+    let (mut volumes, mut mounts): (Vec<Volume>, Vec<VolumeMount>) =
+        store_volume(settings).into_iter().unzip();
+    // A file:// source is a folder on the node (or a PVC the cluster mounts at that path).
+    if let Some(path) = spec.model.source.uri.strip_prefix("file://") {
+        volumes.push(Volume {
+            name: "source".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: path.to_owned(),
+                type_: Some("Directory".into()),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "source".into(),
+            mount_path: path.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
     let secrets = spec
         .model
         .source
@@ -237,12 +255,12 @@ pub fn build_job(
                         image: Some(settings.image.clone()),
                         args: Some(args),
                         env_from: env_from(secrets),
-                        volume_mounts: mounts.map(|m| vec![m]),
+                        volume_mounts: (!mounts.is_empty()).then_some(mounts),
                         // The builder's own error text becomes the termination message.
                         termination_message_policy: Some("FallbackToLogsOnError".into()),
                         ..Container::default()
                     }],
-                    volumes: volumes.map(|v| vec![v]),
+                    volumes: (!volumes.is_empty()).then_some(volumes),
                     ..PodSpec::default()
                 }),
             },
@@ -469,14 +487,19 @@ mod tests {
     }
 
     #[test]
-    fn a_file_store_is_mounted_from_the_host() {
+    fn a_file_store_and_source_are_mounted_from_the_host() {
         let mut s = settings();
         s.artifact_store = "file:///var/lib/kasmina".into();
-        let job = build_job(&s, &sample(), "r", None);
+        let mut ed = sample();
+        ed.spec.model.source.uri = "file:///models/minilm".into();
+        let job = build_job(&s, &ed, "r", None);
         let pod = job.spec.unwrap().template.spec.unwrap();
-        assert_eq!(
-            pod.volumes.unwrap()[0].host_path.as_ref().unwrap().path,
-            "/var/lib/kasmina"
-        );
+        let paths: Vec<_> = pod
+            .volumes
+            .unwrap()
+            .iter()
+            .map(|v| v.host_path.as_ref().unwrap().path.clone())
+            .collect();
+        assert_eq!(paths, ["/var/lib/kasmina", "/models/minilm"]);
     }
 }
