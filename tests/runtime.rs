@@ -269,6 +269,11 @@ async fn every_oip_route_answers_as_the_protocol_says() {
     ] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
     }
+    // The contract holds both ways: the controller's analysis reads this exposition.
+    let snap = kasmina::controller::edge_deployment::scrape::parse(&metrics).unwrap();
+    assert_eq!((snap.requests, snap.errors), (4.0, 0.0));
+    let (le, count) = *snap.buckets.last().unwrap();
+    assert!(le.is_infinite() && count >= 3.0, "{:?}", snap.buckets);
     server.stop().await;
 }
 
