@@ -1,6 +1,8 @@
 //! The ScalingPolicy controller: autoscaling EdgeDeployments on their runtime's load.
 
 pub mod decide;
+pub mod forecast;
+pub mod hpa;
 pub mod reconcile;
 
 use std::sync::Arc;
