@@ -133,14 +133,24 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let condition = move |obj: Option<&K>| obj.is_some_and(&check);
-    if tokio::time::timeout(
-        Duration::from_secs(60),
-        await_condition(api, name, condition),
-    )
-    .await
-    .is_err()
+    wait_for(api, name, what, Duration::from_secs(60), condition).await;
+}
+
+/// Waits up to `within` for `check` to hold on the named object (None: it does not exist).
+async fn wait_for<K>(
+    api: Api<K>,
+    name: &str,
+    what: &str,
+    within: Duration,
+    check: impl Fn(Option<&K>) -> bool,
+) where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    if tokio::time::timeout(within, await_condition(api, name, check))
+        .await
+        .is_err()
     {
-        panic!("{name}: {what} did not happen within 60s");
+        panic!("{name}: {what} did not happen within {within:?}");
     }
 }
 
@@ -325,23 +335,22 @@ async fn a_new_version_is_built_served_and_rolled_out() {
     )
     .await;
     let healthy = |rev: String| {
-        move |ed: &EdgeDeployment| {
-            ed.status.as_ref().is_some_and(|s| {
+        move |ed: Option<&EdgeDeployment>| {
+            ed.and_then(|ed| ed.status.as_ref()).is_some_and(|s| {
                 s.phase == Some(Phase::Healthy)
                     && s.stable_revision.as_deref() == Some(rev.as_str())
             })
         }
     };
-    tokio::time::timeout(
-        Duration::from_secs(300),
-        await_condition(eds.clone(), "minilm", move |o: Option<&EdgeDeployment>| {
-            o.is_some_and(healthy(first.clone()))
-        }),
+    let five_minutes = Duration::from_secs(300);
+    wait_for(
+        eds.clone(),
+        "minilm",
+        "the first version serving",
+        five_minutes,
+        healthy(first.clone()),
     )
-    .await
-    .expect("the first version serves within 5 minutes")
-    .unwrap();
-    let first = revision(&ed.spec);
+    .await;
     let deployments = Api::<Deployment>::namespaced(client.clone(), "e2e-rollout");
     assert!(
         deployments
@@ -367,27 +376,26 @@ async fn a_new_version_is_built_served_and_rolled_out() {
     )
     .await
     .unwrap();
-    let want = second.clone();
-    tokio::time::timeout(
-        Duration::from_secs(300),
-        await_condition(eds.clone(), "minilm", move |o: Option<&EdgeDeployment>| {
-            o.is_some_and(healthy(want.clone()))
-        }),
+    wait_for(
+        eds.clone(),
+        "minilm",
+        "the second version promoted",
+        five_minutes,
+        healthy(second.clone()),
     )
-    .await
-    .expect("the second version is promoted within 5 minutes")
-    .unwrap();
+    .await;
     let status = eds.get("minilm").await.unwrap().status.unwrap();
     assert_eq!(status.history[0].outcome, RolloutOutcome::Promoted);
     assert_eq!(status.history[0].revision, second);
     let old = format!("minilm-{}", &first[..8]);
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while deployments.get_opt(&old).await.unwrap().is_some() {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    })
-    .await
-    .expect("the old revision is scaled away after the delay");
+    wait_for(
+        deployments,
+        &old,
+        "the old revision scaled away after the delay",
+        Duration::from_secs(60),
+        |d: Option<&Deployment>| d.is_none(),
+    )
+    .await;
     eds.delete("minilm", &DeleteParams::default())
         .await
         .unwrap();

@@ -250,6 +250,20 @@ impl Cluster {
         }
     }
 
+    /// A reconcile creates the build Job of `rev`, which then succeeds with `digest`.
+    async fn build(&self, rev: &str, digest: &str) {
+        self.reconcile().await;
+        self.finish_job(&format!("sentiment-build-{}", &rev[..8]), &summary(digest));
+    }
+
+    /// `n` rounds of a reconcile followed by every Deployment becoming available.
+    async fn rounds(&self, n: usize) {
+        for _ in 0..n {
+            self.reconcile().await;
+            self.settle();
+        }
+    }
+
     fn finish_job(&self, job: &str, message: &str) {
         let path = format!("{JOBS}/{job}");
         let mut o = self.get(&path);
@@ -301,15 +315,8 @@ async fn serving(cluster: &Cluster, strategy: Value) -> String {
     let ed = edge_deployment("1.0.0", strategy);
     let rev = revision_of(&ed);
     cluster.put(ED_PATH, ed);
-    cluster.reconcile().await;
-    cluster.finish_job(
-        &format!("sentiment-build-{}", &rev[..8]),
-        &summary("sha256:one"),
-    );
-    for _ in 0..4 {
-        cluster.reconcile().await;
-        cluster.settle();
-    }
+    cluster.build(&rev, "sha256:one").await;
+    cluster.rounds(4).await;
     assert_eq!(
         cluster.ed().status.unwrap().phase,
         Some(kasmina::api::edge_deployment::Phase::Healthy)
@@ -357,11 +364,7 @@ async fn a_finished_job_becomes_a_deployment_and_services() {
     let ed = edge_deployment("1.0.0", json!({"type": "BlueGreen"}));
     let rev = revision_of(&ed);
     cluster.put(ED_PATH, ed);
-    cluster.reconcile().await;
-    cluster.finish_job(
-        &format!("sentiment-build-{}", &rev[..8]),
-        &summary("sha256:one"),
-    );
+    cluster.build(&rev, "sha256:one").await;
     let writes = cluster.reconcile().await;
     let deployment = format!("{DEPLOYMENTS}/sentiment-{}", &rev[..8]);
     assert!(
@@ -413,11 +416,7 @@ async fn a_canary_step_changes_the_weight() {
     let cluster = Cluster::new(NOW, 0);
     let stable = serving(&cluster, canary()).await;
     let candidate = new_version(&cluster, "2.0.0").await;
-    cluster.reconcile().await;
-    cluster.finish_job(
-        &format!("sentiment-build-{}", &candidate[..8]),
-        &summary("sha256:two"),
-    );
+    cluster.build(&candidate, "sha256:two").await;
     cluster.reconcile().await; // artifact recorded, candidate starts with no pods
     cluster.settle();
     let writes = cluster.reconcile().await; // setWeight 20
@@ -455,15 +454,8 @@ async fn failed_analysis_rolls_back_to_stable() {
     let cluster = Cluster::new(NOW, port);
     let stable = serving(&cluster, canary()).await;
     let candidate = new_version(&cluster, "2.0.0").await;
-    cluster.reconcile().await;
-    cluster.finish_job(
-        &format!("sentiment-build-{}", &candidate[..8]),
-        &summary("sha256:two"),
-    );
-    for _ in 0..3 {
-        cluster.reconcile().await;
-        cluster.settle();
-    }
+    cluster.build(&candidate, "sha256:two").await;
+    cluster.rounds(3).await;
     // At the analysis step, with a baseline of zero counters one interval ago.
     let mut ed = cluster.get(ED_PATH);
     assert_eq!(ed["status"]["currentStep"], 1, "{:#}", ed["status"]);
@@ -513,15 +505,8 @@ async fn a_promote_annotation_is_consumed() {
     )
     .await;
     let candidate = new_version(&cluster, "2.0.0").await;
-    cluster.reconcile().await;
-    cluster.finish_job(
-        &format!("sentiment-build-{}", &candidate[..8]),
-        &summary("sha256:two"),
-    );
-    for _ in 0..3 {
-        cluster.reconcile().await;
-        cluster.settle();
-    }
+    cluster.build(&candidate, "sha256:two").await;
+    cluster.rounds(3).await;
     assert_eq!(
         cluster.ed().status.unwrap().phase,
         Some(kasmina::api::edge_deployment::Phase::Paused)

@@ -1169,6 +1169,13 @@ pub(crate) mod tests {
             w
         }
 
+        /// The spec moves to `version`; its build Job runs and succeeds with digest `d2`.
+        fn build_version(&mut self, version: &str) {
+            new_version(self, version);
+            self.reconcile();
+            self.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        }
+
         pub(crate) fn annotate(&mut self, key: &str, value: &str) {
             self.ed
                 .metadata
@@ -1307,9 +1314,7 @@ pub(crate) mod tests {
     fn an_artifact_built_before_is_reused() {
         let mut w = World::serving(sample());
         let first = revision(&w.ed.spec);
-        new_version(&mut w, "2.2.0");
-        w.reconcile();
-        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.build_version("2.2.0");
         w.converge();
         // Back to the first version (a git revert): no build, the recorded artifact is used.
         new_version(&mut w, "2.1.0");
@@ -1325,9 +1330,7 @@ pub(crate) mod tests {
         canary_spec(&mut ed);
         let mut w = World::serving(ed);
         let stable = revision(&w.ed.spec);
-        new_version(&mut w, "2.2.0");
-        w.reconcile();
-        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.build_version("2.2.0");
         let candidate = revision(&w.ed.spec);
         w.converge();
         // setWeight 20 with 3 replicas: one canary pod, two stable.
@@ -1392,9 +1395,7 @@ pub(crate) mod tests {
         canary_spec(&mut ed);
         let mut w = World::serving(ed);
         let stable = revision(&w.ed.spec);
-        new_version(&mut w, "2.2.0");
-        w.reconcile();
-        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.build_version("2.2.0");
         w.converge();
         w.annotate("kasmina.dev/promote", "t1");
         w.reconcile();
@@ -1433,9 +1434,7 @@ pub(crate) mod tests {
     fn a_non_compliant_candidate_is_never_promoted() {
         let mut w = World::serving(sample());
         let stable = revision(&w.ed.spec);
-        new_version(&mut w, "2.2.0");
-        w.reconcile();
-        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.build_version("2.2.0");
         let status = w.ed.status.as_mut().unwrap();
         status.conditions.push(cond(
             COMPLIANT,
@@ -1470,9 +1469,7 @@ pub(crate) mod tests {
         .unwrap();
         let mut w = World::serving(ed);
         let blue = revision(&w.ed.spec);
-        new_version(&mut w, "2.2.0");
-        w.reconcile();
-        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.build_version("2.2.0");
         let green = revision(&w.ed.spec);
         w.converge();
         let sel = |w: &World, n: &str| {
@@ -1523,9 +1520,7 @@ pub(crate) mod tests {
             patch["spec"]["rules"][0]["backendRefs"][1],
             serde_json::json!({"name": "sentiment-canary", "port": 80, "weight": 0})
         );
-        new_version(&mut w, "2.2.0");
-        w.reconcile();
-        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.build_version("2.2.0");
         w.converge();
         w.seen.route = Some(serde_json::json!({"spec": {"rules": [{"backendRefs": []}]}}));
         let plan = w.reconcile();
@@ -1535,15 +1530,7 @@ pub(crate) mod tests {
         );
         assert_eq!(w.status().canary_weight, Some(20));
         // Stable keeps all its replicas; the canary runs its share.
-        assert_eq!(
-            w.replicas()
-                .iter()
-                .map(|r| r.1)
-                .collect::<Vec<_>>()
-                .iter()
-                .sum::<i32>(),
-            4
-        );
+        assert_eq!(w.replicas().iter().map(|r| r.1).sum::<i32>(), 4);
     }
 
     #[test]
@@ -1551,9 +1538,7 @@ pub(crate) mod tests {
         let mut ed = sample();
         canary_spec(&mut ed);
         let mut w = World::serving(ed);
-        new_version(&mut w, "2.2.0");
-        w.reconcile();
-        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.build_version("2.2.0");
         w.converge();
         w.annotate("kasmina.dev/promote", "t1");
         w.reconcile();
@@ -1575,9 +1560,7 @@ pub(crate) mod tests {
         let mut ed = sample();
         canary_spec(&mut ed);
         let mut w = World::serving(ed);
-        new_version(&mut w, "2.2.0");
-        w.reconcile();
-        w.finish_build(true, &SUMMARY.replace("sha256:d1", "sha256:d2"));
+        w.build_version("2.2.0");
         w.converge();
         w.annotate("kasmina.dev/promote", "t1");
         w.reconcile();

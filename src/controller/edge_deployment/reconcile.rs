@@ -182,6 +182,7 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let routes: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &route_resource());
     let status = ed.status.clone().unwrap_or_default();
 
     // Observe.
@@ -254,8 +255,6 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
             .as_ref()
             .and_then(|c| c.traffic_routing.gateway_api.as_ref())
         {
-            let routes: Api<DynamicObject> =
-                Api::namespaced_with(client.clone(), &ns, &route_resource());
             seen.route = routes
                 .get_opt(&route.http_route)
                 .await
@@ -282,8 +281,6 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
         apply(&services, s, &ns).await?;
     }
     if let Some((route, patch)) = &plan.route_patch {
-        let routes: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &ns, &route_resource());
         routes
             .patch(route, &PatchParams::default(), &Patch::Merge(patch))
             .await

@@ -62,17 +62,21 @@ pub fn parse(text: &str) -> std::io::Result<Snapshot> {
             ("kasmina_cognitive_load", _, Some(v)) => snap.load += v,
             ("kasmina_request_duration_seconds", Value::Histogram(buckets), _) => {
                 for b in buckets {
-                    match snap.buckets.iter_mut().find(|(le, _)| *le == b.less_than) {
-                        Some((_, count)) => *count += b.count,
-                        None => snap.buckets.push((b.less_than, b.count)),
-                    }
+                    add_bucket(&mut snap.buckets, b.less_than, b.count);
                 }
             }
             _ => {}
         }
     }
-    snap.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     Ok(snap)
+}
+
+/// Adds `count` to the bucket with bound `le`, keeping the buckets ascending by bound.
+fn add_bucket(buckets: &mut Vec<(f64, f64)>, le: f64, count: f64) {
+    match buckets.binary_search_by(|(l, _)| l.total_cmp(&le)) {
+        Ok(i) => buckets[i].1 += count,
+        Err(i) => buckets.insert(i, (le, count)),
+    }
 }
 
 /// Sums snapshots of several pods; the cognitive load is averaged.
@@ -86,13 +90,9 @@ pub fn sum(snapshots: &[Snapshot]) -> Option<Snapshot> {
         total.errors += s.errors;
         total.load += s.load / snapshots.len() as f64;
         for &(le, count) in &s.buckets {
-            match total.buckets.iter_mut().find(|(l, _)| *l == le) {
-                Some((_, c)) => *c += count,
-                None => total.buckets.push((le, count)),
-            }
+            add_bucket(&mut total.buckets, le, count);
         }
     }
-    total.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     Some(total)
 }
 

@@ -121,23 +121,39 @@ pub fn up_to_date<K: Resource>(live: &K, desired: &K) -> bool {
     hash(live).is_some() && hash(live) == hash(desired)
 }
 
-fn store_volume(settings: &Settings) -> Option<(Volume, VolumeMount)> {
-    let path = settings.artifact_store.strip_prefix("file://")?;
+/// A host folder for a `file://` URI, as a volume and its mount at the same path (None for
+/// other schemes).
+fn host_path(name: &str, uri: &str, type_: &str, read_only: bool) -> Option<(Volume, VolumeMount)> {
+    let path = uri.strip_prefix("file://")?;
     Some((
         Volume {
-            name: "artifacts".into(),
+            name: name.into(),
             host_path: Some(HostPathVolumeSource {
                 path: path.to_owned(),
-                type_: Some("DirectoryOrCreate".into()),
+                type_: Some(type_.into()),
             }),
             ..Volume::default()
         },
         VolumeMount {
-            name: "artifacts".into(),
+            name: name.into(),
             mount_path: path.to_owned(),
+            read_only: read_only.then_some(true),
             ..VolumeMount::default()
         },
     ))
+}
+
+fn store_volume(settings: &Settings) -> Option<(Volume, VolumeMount)> {
+    host_path(
+        "artifacts",
+        &settings.artifact_store,
+        "DirectoryOrCreate",
+        false,
+    )
+}
+
+fn non_empty<T>(list: Vec<T>) -> Option<Vec<T>> {
+    (!list.is_empty()).then_some(list)
 }
 
 fn env_from(secrets: impl IntoIterator<Item = String>) -> Option<Vec<EnvFromSource>> {
@@ -210,25 +226,16 @@ pub fn build_job(
             PruningMethod::SemiStructured24 => "2:4".into(),
         });
     }
-    let (mut volumes, mut mounts): (Vec<Volume>, Vec<VolumeMount>) =
-        store_volume(settings).into_iter().unzip();
     // A file:// source is a folder on the node (or a PVC the cluster mounts at that path).
-    if let Some(path) = spec.model.source.uri.strip_prefix("file://") {
-        volumes.push(Volume {
-            name: "source".into(),
-            host_path: Some(HostPathVolumeSource {
-                path: path.to_owned(),
-                type_: Some("Directory".into()),
-            }),
-            ..Volume::default()
-        });
-        mounts.push(VolumeMount {
-            name: "source".into(),
-            mount_path: path.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-    }
+    let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) = store_volume(settings)
+        .into_iter()
+        .chain(host_path(
+            "source",
+            &spec.model.source.uri,
+            "Directory",
+            true,
+        ))
+        .unzip();
     let secrets = spec
         .model
         .source
@@ -255,12 +262,12 @@ pub fn build_job(
                         image: Some(settings.image.clone()),
                         args: Some(args),
                         env_from: env_from(secrets),
-                        volume_mounts: (!mounts.is_empty()).then_some(mounts),
+                        volume_mounts: non_empty(mounts),
                         // The builder's own error text becomes the termination message.
                         termination_message_policy: Some("FallbackToLogsOnError".into()),
                         ..Container::default()
                     }],
-                    volumes: (!volumes.is_empty()).then_some(volumes),
+                    volumes: non_empty(volumes),
                     ..PodSpec::default()
                 }),
             },
@@ -297,7 +304,8 @@ pub fn runtime_deployment(
         (REVISION_LABEL.to_owned(), revision.to_owned()),
     ]);
     let labels = labels(ed, Some(revision), "runtime");
-    let (volumes, mounts) = store_volume(settings).unzip();
+    let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) =
+        store_volume(settings).into_iter().unzip();
     let uri = artifact
         .uri
         .clone()
@@ -347,10 +355,10 @@ pub fn runtime_deployment(
                         liveness_probe: Some(probe("/v2/health/live", 10)),
                         resources: template.resources.clone(),
                         env_from: env_from(settings.artifact_store_secret.clone()),
-                        volume_mounts: mounts.map(|m| vec![m]),
+                        volume_mounts: non_empty(mounts),
                         ..Container::default()
                     }],
-                    volumes: volumes.map(|v| vec![v]),
+                    volumes: non_empty(volumes),
                     node_selector: (!template.node_selector.is_empty())
                         .then(|| template.node_selector.clone()),
                     tolerations: (!template.tolerations.is_empty())
