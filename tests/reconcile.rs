@@ -116,6 +116,7 @@ async fn scaling_policy_reports_a_missing_target() {
     }))
     .unwrap();
     let answered = policy.clone();
+    let ctx = Arc::new(scaling_policy::reconcile::ScalingContext::new(ctx));
     let reconcile = tokio::spawn(scaling_policy::reconcile::reconcile(Arc::new(policy), ctx));
 
     server

@@ -274,6 +274,12 @@ async fn every_oip_route_answers_as_the_protocol_says() {
     assert_eq!((snap.requests, snap.errors), (4.0, 0.0));
     let (le, count) = *snap.buckets.last().unwrap();
     assert!(le.is_infinite() && count >= 3.0, "{:?}", snap.buckets);
+    // ... and so does the autoscaler, which needs every load gauge.
+    let g = snap.gauges;
+    assert!(
+        g.inflight.is_some() && g.queue.is_some() && g.load.is_some() && g.capacity >= Some(1.0),
+        "{g:?}"
+    );
     server.stop().await;
 }
 

@@ -50,12 +50,27 @@ struct FailureLabels {
     error: &'static str,
 }
 
-/// The operator's own metrics, per controller.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    namespace: String,
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScaleLabels {
+    namespace: String,
+    policy: String,
+    direction: &'static str,
+}
+
+/// The operator's own metrics, per controller, and the autoscaler's decisions.
 pub struct Metrics {
     reconciliations: Family<ControllerLabel, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<ControllerLabel, Histogram>,
     leader: Gauge,
+    scale_events: Family<ScaleLabels, Counter>,
+    desired_replicas: Family<PolicyLabels, Gauge>,
 }
 
 impl Metrics {
@@ -68,7 +83,19 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 14))
             }),
             leader: Gauge::default(),
+            scale_events: Family::default(),
+            desired_replicas: Family::default(),
         };
+        registry.register(
+            "scaling_events",
+            "Replica changes made by ScalingPolicies, by policy and direction (up, down)",
+            metrics.scale_events.clone(),
+        );
+        registry.register(
+            "scaling_desired_replicas",
+            "Replicas each ScalingPolicy last decided on",
+            metrics.desired_replicas.clone(),
+        );
         registry.register(
             "reconciliations",
             "Reconciliations started, by controller",
@@ -108,6 +135,26 @@ impl Metrics {
         self.failures
             .get_or_create(&FailureLabels { controller, error })
             .inc();
+    }
+
+    /// A ScalingPolicy changed its target's replicas.
+    pub fn scaled(&self, namespace: &str, policy: &str, up: bool) {
+        self.scale_events
+            .get_or_create(&ScaleLabels {
+                namespace: namespace.into(),
+                policy: policy.into(),
+                direction: if up { "up" } else { "down" },
+            })
+            .inc();
+    }
+
+    pub fn desired_replicas(&self, namespace: &str, policy: &str, replicas: i32) {
+        self.desired_replicas
+            .get_or_create(&PolicyLabels {
+                namespace: namespace.into(),
+                policy: policy.into(),
+            })
+            .set(i64::from(replicas));
     }
 
     pub fn set_leader(&self, leading: bool) {

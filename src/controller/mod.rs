@@ -305,7 +305,10 @@ async fn run_controllers(ctx: Arc<Context>, settings: Settings, stop: Cancellati
     ));
     tokio::join!(
         edge_deployment::run(edge, stop.clone().cancelled_owned()),
-        scaling_policy::run(ctx.clone(), stop.clone().cancelled_owned()),
+        scaling_policy::run(
+            Arc::new(scaling_policy::reconcile::ScalingContext::new(ctx.clone())),
+            stop.clone().cancelled_owned()
+        ),
         compliance_profile::run(ctx, stop.cancelled_owned()),
     );
     tracing::info!("controllers stopped");

@@ -24,6 +24,18 @@ pub struct Snapshot {
     pub buckets: Vec<(f64, f64)>,
     /// `kasmina_cognitive_load`, averaged over the pods.
     pub load: f64,
+    /// The runtime's gauges as one pod exported them (the autoscaler reads these per pod;
+    /// None when the pod does not export the metric).
+    pub gauges: Gauges,
+}
+
+/// The load gauges of DESIGN §4, as one pod exported them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Gauges {
+    pub inflight: Option<f64>,
+    pub queue: Option<f64>,
+    pub capacity: Option<f64>,
+    pub load: Option<f64>,
 }
 
 /// What one interval measured.
@@ -187,6 +199,7 @@ impl Snapshot {
                 })
                 .collect(),
             load: 0.0,
+            gauges: Gauges::default(),
         }
     }
 }
@@ -320,6 +333,7 @@ mod tests {
             errors,
             buckets: buckets.to_vec(),
             load,
+            gauges: Gauges::default(),
         }
     }
 

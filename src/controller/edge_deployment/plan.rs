@@ -773,11 +773,15 @@ fn replica_ratio(spec: &EdgeDeploymentSpec) -> bool {
 
 /// Replicas of `rev`'s Deployment in state `s`.
 pub fn replicas_for(ed: &EdgeDeployment, s: &State, rev: &str) -> i32 {
-    let n = ed.spec.replicas;
+    replicas_at(&ed.spec, s, rev, ed.spec.replicas)
+}
+
+/// Replicas of `rev`'s Deployment in state `s` were `spec.replicas` set to `n`.
+fn replicas_at(spec: &EdgeDeploymentSpec, s: &State, rev: &str, n: i32) -> i32 {
     let is_candidate = s.candidate.as_deref() == Some(rev);
     let is_stable = s.stable.as_deref() == Some(rev);
-    if ed.spec.strategy.type_ == StrategyType::Canary {
-        if replica_ratio(&ed.spec) {
+    if spec.strategy.type_ == StrategyType::Canary {
+        if replica_ratio(spec) {
             let split = traffic::replica_ratio(n, i32::from(s.weight));
             return match (is_candidate, is_stable, s.candidate.is_some()) {
                 (true, _, _) => split.canary,
@@ -796,6 +800,36 @@ pub fn replicas_for(ed: &EdgeDeployment, s: &State, rev: &str) -> i32 {
     // Rolling and blue-green: every live revision runs at full size (instant switch and
     // instant rollback).
     n
+}
+
+/// The revisions whose pods take user traffic now: the stable one, and the candidate unless
+/// it is a blue-green preview (which only sees analysis traffic). The autoscaler reads these.
+pub fn traffic_revisions(ed: &EdgeDeployment) -> Vec<String> {
+    let Some(r) = ed.status.as_ref().and_then(|s| s.rollout.as_ref()) else {
+        return vec![];
+    };
+    let preview = ed.spec.strategy.type_ == StrategyType::BlueGreen;
+    let candidate = r.candidate.clone().filter(|_| !preview);
+    r.stable.iter().cloned().chain(candidate).collect()
+}
+
+/// Pods taking traffic were `spec.replicas` set to `n`: with a canary running, both revisions
+/// scale together and keep the canary's weight.
+pub fn traffic_pods(ed: &EdgeDeployment, n: i32) -> i32 {
+    let state = ed
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout.as_ref())
+        .map(to_state)
+        .unwrap_or_default();
+    let revisions = traffic_revisions(ed);
+    if revisions.is_empty() {
+        return n;
+    }
+    revisions
+        .iter()
+        .map(|rev| replicas_at(&ed.spec, &state, rev, n))
+        .sum()
 }
 
 fn deployment_ready(ed: &EdgeDeployment, seen: &Observed, rev: &str, want: i32) -> bool {
@@ -935,8 +969,9 @@ fn requeue(
     Duration::from_secs(next.max(1) as u64)
 }
 
-/// Parses a Kubernetes memory quantity into bytes (`128974848`, `129e6`, `123Mi`, `1G`…).
-pub fn quantity_bytes(q: &str) -> Option<f64> {
+/// Parses a Kubernetes quantity into a plain number: bytes (`129e6`, `123Mi`, `1G`) or cores
+/// (`1500m`, and the `n`anocores `metrics.k8s.io` reports).
+pub fn quantity(q: &str) -> Option<f64> {
     let q = q.trim();
     let split = q
         .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
@@ -953,6 +988,10 @@ pub fn quantity_bytes(q: &str) -> Option<f64> {
         "G" => 1e9,
         "T" => 1e12,
         "m" => 1e-3,
+        "u" => 1e-6,
+        "n" => 1e-9,
+        "Pi" => 1024.0_f64.powi(5),
+        "P" => 1e15,
         _ => return None,
     };
     Some(number.parse::<f64>().ok()? * factor)
@@ -972,11 +1011,8 @@ pub fn smallest_node_profile(spec: &EdgeDeploymentSpec, nodes: &[Node]) -> Optio
         })
         .filter_map(|n| {
             let alloc = n.status.as_ref()?.allocatable.as_ref()?;
-            let memory = quantity_bytes(&alloc.get("memory")?.0)?;
-            let cpu = alloc
-                .get("cpu")
-                .and_then(|c| quantity_bytes(&c.0))
-                .unwrap_or(1.0);
+            let memory = quantity(&alloc.get("memory")?.0)?;
+            let cpu = alloc.get("cpu").and_then(|c| quantity(&c.0)).unwrap_or(1.0);
             Some(DeviceProfile {
                 memory_mib: (memory / (1024.0 * 1024.0)) as u32,
                 cpu_cores: (cpu.floor() as u32).max(1),
@@ -1642,12 +1678,13 @@ pub(crate) mod tests {
 
     #[test]
     fn memory_quantities_parse_in_every_unit() {
-        assert_eq!(quantity_bytes("256Mi"), Some(268_435_456.0));
-        assert_eq!(quantity_bytes("1G"), Some(1e9));
-        assert_eq!(quantity_bytes("8047460Ki"), Some(8_047_460.0 * 1024.0));
-        assert_eq!(quantity_bytes("129e6"), Some(129e6));
-        assert_eq!(quantity_bytes("1500m"), Some(1.5));
-        assert_eq!(quantity_bytes("12Qi"), None);
+        assert_eq!(quantity("256Mi"), Some(268_435_456.0));
+        assert_eq!(quantity("1G"), Some(1e9));
+        assert_eq!(quantity("8047460Ki"), Some(8_047_460.0 * 1024.0));
+        assert_eq!(quantity("129e6"), Some(129e6));
+        assert_eq!(quantity("1500m"), Some(1.5));
+        assert!((quantity("250000000n").unwrap() - 0.25).abs() < 1e-12);
+        assert_eq!(quantity("12Qi"), None);
     }
 
     #[test]

@@ -59,7 +59,13 @@ pub fn parse(text: &str) -> std::io::Result<Snapshot> {
                     snap.errors += v;
                 }
             }
-            ("kasmina_cognitive_load", _, Some(v)) => snap.load += v,
+            ("kasmina_cognitive_load", _, Some(v)) => {
+                snap.load += v;
+                add(&mut snap.gauges.load, v);
+            }
+            ("kasmina_inflight_requests", _, Some(v)) => add(&mut snap.gauges.inflight, v),
+            ("kasmina_queue_depth", _, Some(v)) => add(&mut snap.gauges.queue, v),
+            ("kasmina_capacity", _, Some(v)) => add(&mut snap.gauges.capacity, v),
             ("kasmina_request_duration_seconds", Value::Histogram(buckets), _) => {
                 for b in buckets {
                     add_bucket(&mut snap.buckets, b.less_than, b.count);
@@ -69,6 +75,11 @@ pub fn parse(text: &str) -> std::io::Result<Snapshot> {
         }
     }
     Ok(snap)
+}
+
+/// Adds `v` to a gauge that may not have been seen yet.
+fn add(gauge: &mut Option<f64>, v: f64) {
+    *gauge = Some(gauge.unwrap_or(0.0) + v);
 }
 
 /// Adds `count` to the bucket with bound `le`, keeping the buckets ascending by bound.
@@ -192,6 +203,8 @@ kasmina_request_duration_seconds_bucket{le="+Inf",model="minilm",outcome="error"
     fn parses_the_runtime_exposition() {
         let s = parse(TEXT).unwrap();
         assert_eq!((s.requests, s.errors, s.load), (100.0, 10.0, 0.5));
+        assert_eq!(s.gauges.load, Some(0.5));
+        assert_eq!(s.gauges.queue, None, "not exported, not zero");
         assert_eq!(
             s.buckets,
             vec![(0.01, 60.0), (0.1, 100.0), (f64::INFINITY, 100.0)]

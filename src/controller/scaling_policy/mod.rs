@@ -1,5 +1,6 @@
 //! The ScalingPolicy controller: autoscaling EdgeDeployments on their runtime's load.
 
+pub mod collect;
 pub mod decide;
 pub mod forecast;
 pub mod hpa;
@@ -12,13 +13,16 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 
-use super::context::Context;
 use crate::api::{EdgeDeployment, ScalingPolicy};
+use reconcile::ScalingContext;
 
 /// Runs the controller until `shutdown` resolves, letting running reconciles finish.
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let policies: Api<ScalingPolicy> = Api::all(ctx.client.clone());
-    let targets: Api<EdgeDeployment> = Api::all(ctx.client.clone());
+pub async fn run(
+    ctx: Arc<ScalingContext>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let policies: Api<ScalingPolicy> = Api::all(ctx.base.client.clone());
+    let targets: Api<EdgeDeployment> = Api::all(ctx.base.client.clone());
     let controller = Controller::new(policies, watcher::Config::default().any_semantic());
     let store = controller.store();
     controller

@@ -1,17 +1,69 @@
-//! I/O glue: resolve the target, ask `decide`, write status only when it changed.
+//! I/O glue: read the target, collect this interval's metrics, ask `decide`, set replicas
+//! through the target's scale subresource, write status only when it changed.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 
-use super::decide::decide;
+use super::collect::{self, Collected, Reading};
+use super::decide::{Memory, decide};
+use crate::api::scaling_policy::MetricType;
 use crate::api::{EdgeDeployment, ScalingPolicy};
-use crate::controller::context::Context;
+use crate::controller::context::{Context, FIELD_MANAGER};
+use crate::controller::edge_deployment::plan::traffic_revisions;
+use crate::controller::edge_deployment::workload::{NAME_LABEL, RUNTIME_PORT};
 use crate::controller::status::apply_status;
 
 pub const CONTROLLER: &str = "scalingpolicy";
+
+/// What the ScalingPolicy controller shares between reconciles.
+pub struct ScalingContext {
+    pub base: Arc<Context>,
+    pub http: reqwest::Client,
+    /// The runtime pods' metrics port (tests point it at a local server).
+    pub metrics_port: u16,
+    /// Scrapes of one policy in flight at once.
+    pub concurrency: usize,
+    /// Bound on each scrape and Prometheus query.
+    pub timeout: Duration,
+    /// Each policy's memory, by `namespace/name`.
+    memory: Mutex<HashMap<String, Memory>>,
+}
+
+impl ScalingContext {
+    pub fn new(base: Arc<Context>) -> Self {
+        Self {
+            base,
+            http: reqwest::Client::new(),
+            metrics_port: RUNTIME_PORT as u16,
+            concurrency: 32,
+            timeout: Duration::from_secs(2),
+            memory: Mutex::default(),
+        }
+    }
+
+    fn recall(&self, key: &str) -> Memory {
+        self.memory
+            .lock()
+            .map(|m| m.get(key).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn remember(&self, key: String, memory: Option<Memory>) {
+        if let Ok(mut m) = self.memory.lock() {
+            match memory {
+                Some(memory) => m.insert(key, memory),
+                None => m.remove(&key),
+            };
+        }
+    }
+}
 
 /// Errors of the ScalingPolicy controller.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +74,21 @@ pub enum Error {
     ReadTarget {
         namespace: String,
         name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("listing the pods of EdgeDeployment {namespace}/{name}: {source}")]
+    ListPods {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("scaling EdgeDeployment {namespace}/{name} to {replicas}: {source}")]
+    Scale {
+        namespace: String,
+        name: String,
+        replicas: i32,
         #[source]
         source: kube::Error,
     },
@@ -40,19 +107,30 @@ impl Error {
         match self {
             Error::MissingNamespace { .. } => "missing_namespace",
             Error::ReadTarget { .. } => "read_target",
+            Error::ListPods { .. } => "list_pods",
+            Error::Scale { .. } => "scale",
             Error::WriteStatus { .. } => "write_status",
         }
     }
 }
 
-pub async fn reconcile(policy: Arc<ScalingPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+pub async fn reconcile(
+    policy: Arc<ScalingPolicy>,
+    ctx: Arc<ScalingContext>,
+) -> Result<Action, Error> {
+    let base = &ctx.base;
+    let _timer = base.metrics.reconcile_started(CONTROLLER);
     let name = policy.name_any();
     let namespace = policy
         .namespace()
         .ok_or_else(|| Error::MissingNamespace { name: name.clone() })?;
+    let key = format!("{namespace}/{name}");
+    if policy.metadata.deletion_timestamp.is_some() {
+        ctx.remember(key, None);
+        return Ok(Action::await_change());
+    }
 
-    let targets: Api<EdgeDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let targets: Api<EdgeDeployment> = Api::namespaced(base.client.clone(), &namespace);
     let target_name = &policy.spec.target_ref.name;
     let target = targets
         .get_opt(target_name)
@@ -63,10 +141,57 @@ pub async fn reconcile(policy: Arc<ScalingPolicy>, ctx: Arc<Context>) -> Result<
             source,
         })?;
 
-    let decision = decide(&policy, target.as_ref(), ctx.clock.now());
+    let now = base.clock.now();
+    let at = now.as_second();
+    let mut memory = ctx.recall(&key);
+    let interval = policy.spec.scrape_interval.as_std().as_secs().max(1) as i64;
+    let valid = policy.spec.validate().is_ok();
+    // The target's status moves at every rollout step and wakes this policy: collect once per
+    // interval all the same, unless the spec changed.
+    if let (true, Some(_), Some(last)) = (valid, &target, memory.collected_at)
+        && memory.generation == policy.metadata.generation
+        && at - last < interval
+    {
+        return Ok(Action::requeue(Duration::from_secs(
+            (interval - (at - last)) as u64,
+        )));
+    }
 
+    let readings = match (&target, valid) {
+        (Some(ed), true) => {
+            let (readings, buckets) = collect(&ctx, &policy, ed, &memory).await?;
+            memory.buckets = buckets;
+            readings
+        }
+        _ => vec![],
+    };
+    memory.collected_at = Some(at);
+    memory.generation = policy.metadata.generation;
+
+    let decision = decide(&policy, target.as_ref(), &readings, &memory, now);
+
+    if let Some(replicas) = decision.scale {
+        targets
+            .patch_scale(
+                target_name,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})),
+            )
+            .await
+            .map_err(|source| Error::Scale {
+                namespace: namespace.clone(),
+                name: target_name.clone(),
+                replicas,
+                source,
+            })?;
+        let from = decision.status.current_replicas.unwrap_or(replicas);
+        base.metrics.scaled(&namespace, &name, replicas > from);
+    }
+    if let Some(desired) = decision.status.desired_replicas {
+        base.metrics.desired_replicas(&namespace, &name, desired);
+    }
     if policy.status.as_ref() != Some(&decision.status) {
-        let api: Api<ScalingPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+        let api: Api<ScalingPolicy> = Api::namespaced(base.client.clone(), &namespace);
         apply_status(&api, &name, &decision.status)
             .await
             .map_err(|source| Error::WriteStatus {
@@ -75,13 +200,81 @@ pub async fn reconcile(policy: Arc<ScalingPolicy>, ctx: Arc<Context>) -> Result<
                 source,
             })?;
     }
-    ctx.publish(&policy.object_ref(&()), &decision.notices)
+    base.publish(&policy.object_ref(&()), &decision.notices)
         .await;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    ctx.remember(key, Some(decision.memory));
+    Ok(Action::requeue(Duration::from_secs(interval as u64)))
 }
 
-pub fn error_policy(_policy: Arc<ScalingPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+/// This interval's readings: the traffic-taking pods scraped, resource metrics and Prometheus
+/// queries as the metrics ask.
+async fn collect(
+    ctx: &ScalingContext,
+    policy: &ScalingPolicy,
+    ed: &EdgeDeployment,
+    memory: &Memory,
+) -> Result<(Vec<Reading>, collect::Buckets), Error> {
+    let metrics = &policy.spec.metrics;
+    let namespace = ed.namespace().unwrap_or_default();
+    let selector = format!("{NAME_LABEL}={}", ed.name_any());
+    let wants = |types: &[MetricType]| metrics.iter().any(|m| types.contains(&m.type_));
+    let mut collected = Collected::default();
+
+    if wants(&[
+        MetricType::CognitiveLoad,
+        MetricType::QueueDepth,
+        MetricType::Latency,
+        MetricType::Cpu,
+        MetricType::Memory,
+    ]) {
+        let pods: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &namespace);
+        let pods = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|source| Error::ListPods {
+                namespace: namespace.clone(),
+                name: ed.name_any(),
+                source,
+            })?;
+        let targets = collect::targets(&pods.items, &traffic_revisions(ed), ctx.metrics_port);
+        let mut scraped =
+            collect::scrape_pods(&ctx.http, &targets, ctx.concurrency, ctx.timeout).await;
+        collected.pods = targets
+            .into_iter()
+            .filter_map(|t| Some((t.name.clone(), (t.clone(), scraped.remove(&t.name)?))))
+            .collect();
+    }
+    if wants(&[MetricType::Cpu, MetricType::Memory]) {
+        collected.usage = Some(
+            collect::resource_usage(&ctx.base.client, &namespace, &selector)
+                .await
+                .map_err(|e| e.to_string()),
+        );
+    }
+    let queries = metrics.iter().enumerate().filter_map(|(i, m)| {
+        let (Some(server), Some(query)) = (&m.server_address, &m.query) else {
+            return None;
+        };
+        Some(async move {
+            let value = collect::prometheus(&ctx.http, server, query, ctx.timeout)
+                .await
+                .map_err(|e| e.to_string());
+            (i, value)
+        })
+    });
+    collected.external = join_all(queries)
+        .await
+        .into_iter()
+        .collect::<BTreeMap<_, _>>();
+    Ok(collect::readings(metrics, &collected, &memory.buckets))
+}
+
+pub fn error_policy(
+    _policy: Arc<ScalingPolicy>,
+    error: &Error,
+    ctx: Arc<ScalingContext>,
+) -> Action {
     tracing::warn!(%error, "ScalingPolicy reconcile failed");
-    ctx.metrics.reconcile_failed(CONTROLLER, error.kind());
+    ctx.base.metrics.reconcile_failed(CONTROLLER, error.kind());
     Action::requeue(Duration::from_secs(15))
 }
