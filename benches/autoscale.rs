@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use kasmina::api::{EdgeDeployment, ScalingPolicy};
-use kasmina::controller::scaling_policy::collect::{self, PodTarget, Reading};
+use kasmina::controller::edge_deployment::analysis::Snapshot;
+use kasmina::controller::scaling_policy::collect::{self, PodTarget};
 use kasmina::controller::scaling_policy::decide::{self, Memory};
 use kasmina::controller::scaling_policy::hpa::{self, PodSample, Recommendation, ScaleEvent};
 
@@ -114,6 +115,10 @@ fn traces() -> Vec<Trace> {
 struct Cluster {
     /// Creation time of each pod.
     pods: Vec<i64>,
+    /// Each pod's name and runtime counters (requests offered, requests shed), by index.
+    names: Vec<u64>,
+    counters: Vec<(f64, f64)>,
+    next_name: u64,
     backlog: f64,
     /// Per-second history for the autoscalers' views: (served/capacity of ready, arrivals).
     utilization: VecDeque<f64>,
@@ -134,6 +139,9 @@ impl Cluster {
     fn new(replicas: i32) -> Self {
         Self {
             pods: vec![-STARTUP; replicas as usize],
+            names: (0..replicas as u64).collect(),
+            counters: vec![(0.0, 0.0); replicas as usize],
+            next_name: replicas as u64,
             backlog: 0.0,
             utilization: VecDeque::new(),
             arrivals: VecDeque::new(),
@@ -157,12 +165,18 @@ impl Cluster {
         tally.last_direction = direction;
         tally.events += 1;
         if to > now {
-            self.pods
-                .extend(std::iter::repeat_n(t, (to - now) as usize));
+            for _ in now..to {
+                self.pods.push(t);
+                self.names.push(self.next_name);
+                self.counters.push((0.0, 0.0));
+                self.next_name += 1;
+            }
         } else {
-            // The newest (possibly unready) pods go first, as a ReplicaSet prefers.
-            self.pods.sort_unstable();
+            // The newest (possibly unready) pods go first, as a ReplicaSet prefers; pods are
+            // kept in creation order.
             self.pods.truncate(to as usize);
+            self.names.truncate(to as usize);
+            self.counters.truncate(to as usize);
         }
         tally.peak = tally.peak.max(to);
     }
@@ -178,6 +192,16 @@ impl Cluster {
         let shed = (backlog - bound).max(0.0);
         backlog -= shed;
         self.backlog = backlog;
+        // The Service spreads requests over the ready pods; each counts what it was offered
+        // and what it shed.
+        if ready > 0.0 {
+            for (created, c) in self.pods.iter().zip(&mut self.counters) {
+                if t - created >= STARTUP {
+                    c.0 += arrivals / ready;
+                    c.1 += shed / ready;
+                }
+            }
+        }
         let rho = if capacity > 0.0 {
             (arrivals / capacity).min(0.999)
         } else {
@@ -257,23 +281,44 @@ impl Autoscaler for Kasmina {
             return None;
         }
         self.ed.spec.replicas = cluster.pods.len() as i32;
-        let samples = cluster
+        // What the collector would have scraped: each pod's gauge and counters.
+        let mut collected = collect::Collected::default();
+        for ((created, name), (offered, shed)) in cluster
             .pods
             .iter()
-            .map(|&c| {
-                if t - c >= STARTUP {
-                    PodSample::Ready((cluster.load * (1.0 + 0.03 * rng.normal() / 3.0)).max(0.0))
-                } else {
-                    PodSample::Unready
-                }
-            })
-            .collect();
-        let readings = [Reading::PerPod {
-            samples,
-            target: 0.7,
-        }];
+            .zip(&cluster.names)
+            .zip(&cluster.counters)
+        {
+            let name = format!("pod-{name}");
+            let scraped = if t - created >= STARTUP {
+                let mut snap = Snapshot {
+                    requests: *offered,
+                    errors: *shed,
+                    ..Snapshot::default()
+                };
+                let noise = 1.0 + 0.03 * rng.normal() / 3.0;
+                snap.gauges.load = Some((cluster.load * noise).max(0.0));
+                snap.gauges.queue = Some(cluster.backlog / cluster.ready(t).max(1) as f64);
+                collect::Scraped::Ok(snap)
+            } else {
+                collect::Scraped::Unready
+            };
+            let target = PodTarget {
+                name: name.clone(),
+                url: None,
+                cpu_request: None,
+                memory_request: None,
+            };
+            collected.pods.insert(name, (target, scraped));
+        }
+        let (readings, previous) =
+            collect::readings(&self.policy.spec.metrics, &collected, &self.memory.previous);
+        self.memory.previous = previous;
         let now = Timestamp::from_second(1_800_000_000 + t).expect("time");
         let d = decide::decide(&self.policy, Some(&self.ed), &readings, &self.memory, now);
+        if d.scale.is_some() && std::env::var_os("SIM_VERBOSE").is_some() {
+            println!("    t={t:>4} {}", d.status.history[0].reason);
+        }
         self.policy.status = Some(d.status);
         self.memory = d.memory;
         d.scale

@@ -202,11 +202,12 @@ pub struct Behavior {
     #[schemars(range(min = 0.0, max = 1.0))]
     pub tolerance: Option<f64>,
 
-    /// Rules for scaling up. Defaults: no stabilization, 15 s cooldown, double or +4 pods per 15 s.
+    /// Rules for scaling up. Defaults: no stabilization, no cooldown, +900 % or +4 pods per 15 s
+    /// (the cognitive load measures demand directly, so one step reaches it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_up: Option<ScalingRules>,
 
-    /// Rules for scaling down. Defaults: 300 s stabilization, 60 s cooldown.
+    /// Rules for scaling down. Defaults: 60 s stabilization, 60 s cooldown, -100 % per 15 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_down: Option<ScalingRules>,
 }

@@ -341,40 +341,41 @@ impl Reading {
     }
 }
 
-/// Histogram buckets per pod at the last scrape, for latency over the interval.
-pub type Buckets = BTreeMap<String, Vec<(f64, f64)>>;
+/// Each pod's scrape at the last interval: counters for rates and latency over the interval.
+pub type Previous = BTreeMap<String, Snapshot>;
 
-/// Pure: each metric's reading from what was collected, and the buckets to remember.
+/// Pure: each metric's reading from what was collected, and the scrapes to remember.
 pub fn readings(
     metrics: &[MetricSpec],
     collected: &Collected,
-    previous: &Buckets,
-) -> (Vec<Reading>, Buckets) {
+    previous: &Previous,
+) -> (Vec<Reading>, Previous) {
     let readings = metrics
         .iter()
         .enumerate()
         .map(|(i, m)| reading(i, m, collected, previous))
         .collect();
-    let buckets = collected
+    let remembered = collected
         .pods
         .iter()
         .filter_map(|(name, (_, s))| match s {
-            Scraped::Ok(snap) => Some((name.clone(), snap.buckets.clone())),
+            Scraped::Ok(snap) => Some((name.clone(), snap.clone())),
             _ => None,
         })
         .collect();
-    (readings, buckets)
+    (readings, remembered)
 }
 
-fn reading(index: usize, metric: &MetricSpec, c: &Collected, previous: &Buckets) -> Reading {
+fn reading(index: usize, metric: &MetricSpec, c: &Collected, previous: &Previous) -> Reading {
     use MetricType::*;
     match metric.type_ {
-        CognitiveLoad => gauge(c, metric.target, "kasmina_cognitive_load", |g| {
-            g.gauges.load
-        }),
-        QueueDepth => gauge(c, metric.target_per_replica, "kasmina_queue_depth", |g| {
-            g.gauges.queue
-        }),
+        CognitiveLoad => cognitive_load(c, metric.target, previous),
+        QueueDepth => gauge(
+            c,
+            metric.target_per_replica,
+            "kasmina_queue_depth",
+            |_, snap| snap.gauges.queue,
+        ),
         Latency => latency(metric, c, previous),
         Cpu | Memory => utilization(metric, c),
         Prometheus => match (c.external.get(&index), metric.target) {
@@ -392,7 +393,7 @@ fn gauge(
     c: &Collected,
     target: Option<f64>,
     name: &str,
-    read: impl Fn(&Snapshot) -> Option<f64>,
+    read: impl Fn(&str, &Snapshot) -> Option<f64>,
 ) -> Reading {
     let Some(target) = target else {
         return Reading::Failed("no target".into());
@@ -404,9 +405,9 @@ fn gauge(
     let mut errors = vec![];
     let samples = c
         .pods
-        .values()
-        .map(|(_, scraped)| match scraped {
-            Scraped::Ok(snap) => match read(snap) {
+        .iter()
+        .map(|(name, (_, scraped))| match scraped {
+            Scraped::Ok(snap) => match read(name, snap) {
                 Some(v) => {
                     exported = true;
                     PodSample::Ready(v)
@@ -433,7 +434,7 @@ fn gauge(
     Reading::PerPod { samples, target }
 }
 
-fn latency(metric: &MetricSpec, c: &Collected, previous: &Buckets) -> Reading {
+fn latency(metric: &MetricSpec, c: &Collected, previous: &Previous) -> Reading {
     let Some(target) = metric.target_ms else {
         return Reading::Failed("no targetMs".into());
     };
@@ -447,7 +448,7 @@ fn latency(metric: &MetricSpec, c: &Collected, previous: &Buckets) -> Reading {
             continue;
         }
         // A pod seen for the first time, or restarted (a counter went down), counts from zero.
-        let delta = match previous.get(name) {
+        let delta = match previous.get(name).map(|p| &p.buckets) {
             Some(before) if !went_down(before, &snap.buckets) => snap
                 .buckets
                 .iter()
@@ -477,6 +478,73 @@ fn latency(metric: &MetricSpec, c: &Collected, previous: &Buckets) -> Reading {
         target,
         ready,
     }
+}
+
+/// Pure: when pods shed requests, the pods' worth of work they were offered over the interval:
+/// all the requests offered, over the most any one pod served (a pod serving flat out shows
+/// what one pod can do). Counts are `(offered, served)` per pod since the last scrape, so a pod
+/// that became ready mid-interval adds only what it saw. None when no pod shed.
+pub fn offered_pods(counts: &[(f64, f64)]) -> Option<f64> {
+    let most = counts.iter().map(|&(_, served)| served).fold(0.0, f64::max);
+    let shedding = counts.iter().any(|&(offered, served)| offered > served);
+    (shedding && most > 0.0).then(|| counts.iter().map(|&(o, _)| o).sum::<f64>() / most)
+}
+
+/// The cognitive load of each pod. Up to 1 the runtime's gauge says it. Beyond, the gauge
+/// saturates at the bound of the queue (a full queue reads the same whether 10 % or 10× too
+/// much arrives), so: when pods shed, the load is the work they were offered against what one
+/// pod serves (`offered_pods`), shared over the ready pods; a queue that grows without
+/// shedding counts as at most double; a full queue that is draining counts as just full.
+fn cognitive_load(c: &Collected, target: Option<f64>, previous: &Previous) -> Reading {
+    let reading = gauge(c, target, "kasmina_cognitive_load", |_, snap| {
+        snap.gauges.load
+    });
+    let Reading::PerPod {
+        mut samples,
+        target,
+    } = reading
+    else {
+        return reading;
+    };
+    // Counts since the last scrape; a pod seen for the first time adds all it has counted
+    // (it is new), unless nothing was seen before (a restarted controller: no rates yet).
+    let seen_before = c.pods.keys().any(|name| previous.contains_key(name));
+    let counts: Vec<(f64, f64)> = c
+        .pods
+        .iter()
+        .filter_map(|(name, (_, scraped))| {
+            let Scraped::Ok(now) = scraped else {
+                return None;
+            };
+            let zero = Snapshot::default();
+            let before = previous.get(name).or(seen_before.then_some(&zero))?;
+            let offered = now.requests - before.requests;
+            (offered >= 0.0).then(|| (offered, offered - (now.errors - before.errors)))
+        })
+        .collect();
+    let ready = samples
+        .iter()
+        .filter(|s| matches!(s, PodSample::Ready(_)))
+        .count();
+    let shed = offered_pods(&counts).map(|pods| pods / ready.max(1) as f64);
+    for ((name, (_, scraped)), sample) in c.pods.iter().zip(&mut samples) {
+        let (PodSample::Ready(v), Scraped::Ok(now)) = (sample, scraped) else {
+            continue;
+        };
+        *v = match shed {
+            Some(each) => each,
+            None if *v > 1.0 => {
+                let before = previous.get(name).and_then(|p| p.gauges.queue);
+                let growing = match (before, now.gauges.queue) {
+                    (Some(b), Some(q)) => q > b,
+                    _ => true,
+                };
+                if growing { v.min(2.0) } else { 1.0 }
+            }
+            None => *v,
+        };
+    }
+    Reading::PerPod { samples, target }
 }
 
 fn count_at(buckets: &[(f64, f64)], le: f64) -> f64 {
@@ -577,7 +645,7 @@ mod tests {
             ("c", Scraped::Unready),
         ]);
         let m = metric(serde_json::json!({"type": "CognitiveLoad", "target": 0.7}));
-        let (r, _) = readings(&[m], &c, &Buckets::default());
+        let (r, _) = readings(&[m], &c, &Previous::default());
         assert_eq!(
             r[0],
             Reading::PerPod {
@@ -598,18 +666,59 @@ mod tests {
         snap.gauges.load = Some(0.5);
         let c = collected(vec![("a", Scraped::Ok(snap))]);
         let m = metric(serde_json::json!({"type": "QueueDepth", "targetPerReplica": 4}));
-        let (r, _) = readings(&[m], &c, &Buckets::default());
+        let (r, _) = readings(&[m], &c, &Previous::default());
         assert_eq!(
             r[0],
             Reading::Failed("the runtime pods do not export kasmina_queue_depth".into())
         );
         let none = collected(vec![("a", Scraped::Failed("GET …: refused".into()))]);
         let m = metric(serde_json::json!({"type": "CognitiveLoad", "target": 0.7}));
-        let (r, _) = readings(&[m], &none, &Buckets::default());
+        let (r, _) = readings(&[m], &none, &Previous::default());
         assert_eq!(
             r[0],
             Reading::Failed("no pod could be scraped: GET …: refused".into())
         );
+    }
+
+    #[test]
+    fn a_saturated_load_is_measured_by_what_was_offered() {
+        let m = metric(serde_json::json!({"type": "CognitiveLoad", "target": 0.7}));
+        let pod = |requests: f64, errors: f64, load: f64, queue: f64| {
+            let mut snap = Snapshot {
+                requests,
+                errors,
+                ..Snapshot::default()
+            };
+            snap.gauges.load = Some(load);
+            snap.gauges.queue = Some(queue);
+            Scraped::Ok(snap)
+        };
+        let before = collected(vec![
+            ("a", pod(1000.0, 0.0, 9.0, 60.0)),
+            ("b", pod(1000.0, 0.0, 9.0, 60.0)),
+        ]);
+        let (_, previous) = readings(std::slice::from_ref(&m), &before, &Previous::default());
+        // Each pod was offered 1000 and served 250: 8 pods' worth over 2 pods → 4 each.
+        let now = collected(vec![
+            ("a", pod(2000.0, 750.0, 9.0, 64.0)),
+            ("b", pod(2000.0, 750.0, 9.0, 64.0)),
+        ]);
+        let (r, _) = readings(std::slice::from_ref(&m), &now, &previous);
+        assert_eq!(r[0].value(), Some(4.0));
+        // No shedding: a growing queue counts as double at most, a draining one as full.
+        let growing = collected(vec![
+            ("a", pod(1100.0, 0.0, 9.0, 64.0)),
+            ("b", pod(1100.0, 0.0, 9.0, 64.0)),
+        ]);
+        let (r, _) = readings(std::slice::from_ref(&m), &growing, &previous);
+        assert_eq!(r[0].value(), Some(2.0));
+        let draining = collected(vec![
+            ("a", pod(1100.0, 0.0, 3.0, 20.0)),
+            ("b", pod(1100.0, 0.0, 3.0, 20.0)),
+        ]);
+        let (r, _) = readings(&[m], &draining, &previous);
+        assert_eq!(r[0].value(), Some(1.0));
+        assert_eq!(offered_pods(&[(100.0, 100.0)]), None, "nothing shed");
     }
 
     #[test]
@@ -621,7 +730,7 @@ mod tests {
             "a",
             ok(0.5, &[(0.01, 100.0), (0.1, 100.0), (inf, 100.0)]),
         )]);
-        let (r, remembered) = readings(std::slice::from_ref(&m), &first, &Buckets::default());
+        let (r, remembered) = readings(std::slice::from_ref(&m), &first, &Previous::default());
         assert!(matches!(r[0], Reading::Ratio { value, .. } if value <= 10.0));
         // Next: 100 more, all between 10 and 100 ms — the old fast ones no longer count.
         let next = collected(vec![(
@@ -651,18 +760,18 @@ mod tests {
             },
         )]
         .into()));
-        let (r, _) = readings(std::slice::from_ref(&m), &c, &Buckets::default());
+        let (r, _) = readings(std::slice::from_ref(&m), &c, &Previous::default());
         let Reading::PerPod { samples, .. } = &r[0] else {
             panic!("{r:?}")
         };
         assert!(matches!(samples[0], PodSample::Ready(v) if (v - 90.0).abs() < 1e-9));
         assert_eq!(samples[1], PodSample::Unready);
         c.usage = Some(Err(Error::ResourceMetricsUnavailable.to_string()));
-        let (r, _) = readings(std::slice::from_ref(&m), &c, &Buckets::default());
+        let (r, _) = readings(std::slice::from_ref(&m), &c, &Previous::default());
         assert!(matches!(&r[0], Reading::Failed(m) if m.contains("metrics-server")));
         c.pods.get_mut("a").unwrap().0.cpu_request = None;
         c.usage = Some(Ok(BTreeMap::new()));
-        let (r, _) = readings(&[m], &c, &Buckets::default());
+        let (r, _) = readings(&[m], &c, &Previous::default());
         assert!(matches!(&r[0], Reading::Failed(m) if m.contains("pod a has no cpu request")));
     }
 

@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use super::collect::{Buckets, Reading};
+use super::collect::{Previous, Reading};
 use super::forecast;
 use super::hpa::{self, Rate, Recommendation, ScaleEvent, Seconds, Select};
 use crate::api::condition::{self, Condition, ConditionStatus};
@@ -35,12 +35,30 @@ pub const HISTORY_LIMIT: usize = 20;
 /// Demand samples the forecast looks at (10 minutes at the default 5 s interval).
 const FORECAST_SAMPLES: usize = 120;
 
-/// Kasmina's defaults where `behavior` is silent. Scale-up reacts at once and is bounded by
-/// HPA's default rates; scale-down waits for a 300 s window as HPA does, then a 60 s cooldown.
+/// Kasmina's defaults where `behavior` is silent. The cognitive load measures demand directly
+/// (offered over served when shedding), so scale-up may go to it in one step — up to 10× per
+/// 15 s, where HPA's default doubles to stay safe on CPU's indirect signal — with no cooldown:
+/// unready pods count as idle, so a second look while pods start cannot run away. Scale-down
+/// takes the highest recommendation of the last `DEFAULT_DOWN_WINDOW` seconds, then waits a
+/// cooldown, which keeps a noisy load from flapping.
 pub const DEFAULT_UP_WINDOW: Seconds = 0;
-pub const DEFAULT_DOWN_WINDOW: Seconds = 300;
-pub const DEFAULT_UP_COOLDOWN: Seconds = 15;
+pub const DEFAULT_DOWN_WINDOW: Seconds = 60;
+pub const DEFAULT_UP_COOLDOWN: Seconds = 0;
 pub const DEFAULT_DOWN_COOLDOWN: Seconds = 60;
+
+/// Scale-up rate without `policies`: +4 pods or +900 % per 15 s, whichever is more.
+pub fn default_up_rates() -> Vec<Rate> {
+    vec![
+        Rate::Pods {
+            value: 4,
+            period: 15,
+        },
+        Rate::Percent {
+            value: 900,
+            period: 15,
+        },
+    ]
+}
 
 /// What the controller remembers between intervals, as HPA keeps its recommendations in
 /// memory. Losing it on restart only makes the next decisions more cautious.
@@ -52,8 +70,8 @@ pub struct Memory {
     pub demand: VecDeque<(Seconds, f64)>,
     /// Consecutive collections where no metric could be read.
     pub failures: u32,
-    /// Latency histograms at the last scrape.
-    pub buckets: Buckets,
+    /// Each pod's scrape at the last interval (rates and latency over the interval).
+    pub previous: Previous,
     /// When metrics were last collected, and for which generation of the spec.
     pub collected_at: Option<Seconds>,
     pub generation: Option<i64>,
@@ -352,7 +370,17 @@ pub fn decide(
             }
             let samples: Vec<(Seconds, f64)> = memory.demand.iter().copied().collect();
             let horizon = f64::from(p.horizon_seconds);
-            match forecast::holt(&samples, forecast::ALPHA, forecast::BETA, horizon) {
+            // Only a trend under way counts — the last four samples rise, by more than the
+            // tolerance in all — and the forecast is capped at twice the demand now: a step
+            // that has levelled off, or noise, must not keep raising replicas.
+            let recent = &samples[samples.len().saturating_sub(4)..];
+            let rising = recent.len() == 4
+                && recent.windows(2).all(|w| w[1].1 > w[0].1)
+                && recent[3].1 - recent[0].1 > tolerance * recent[3].1;
+            let forecast = forecast::holt(&samples, forecast::ALPHA, forecast::BETA, horizon)
+                .filter(|_| rising)
+                .map(|f| f.min(2.0 * demand));
+            match forecast {
                 Some(f)
                     if f > 0.0
                         && hpa::proposal(current, f / f64::from(current.max(1)), tolerance)
@@ -614,7 +642,7 @@ fn rules(spec: &ScalingPolicySpec, up: bool) -> Rules {
     let r = given.unwrap_or(&default);
     let rates = if r.policies.is_empty() {
         if up {
-            hpa::default_up()
+            default_up_rates()
         } else {
             hpa::default_down()
         }
@@ -840,7 +868,14 @@ mod tests {
 
     #[test]
     fn scale_down_waits_for_the_stabilization_window() {
+        // Kasmina's default window is 60 s.
         let mut l = Loop::new(policy(json!({})), 10);
+        l.demand(0, 10.0);
+        assert_eq!(l.demand(55, 3.0).scale, None);
+        assert_eq!(l.demand(60, 3.0).scale, Some(3));
+        // HPA's 300 s, declared.
+        let hpa = json!({"behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}});
+        let mut l = Loop::new(policy(hpa), 10);
         l.demand(0, 10.0);
         // Load drops to 3 replicas' worth: held by the 300 s window of recommendations.
         for t in (5..300).step_by(5) {
@@ -858,8 +893,14 @@ mod tests {
 
     #[test]
     fn rate_policies_limit_a_surge() {
+        // Kasmina's default goes to the measured demand in one step (up to 10×).
         let mut l = Loop::new(policy(json!({})), 2);
-        // 10× the load: HPA's default allows max(+4 pods, +100 %) per 15 s.
+        assert_eq!(l.step(0, &load(2, 7.0)).scale, Some(20));
+        // HPA's default behavior, declared: max(+4 pods, +100 %) per 15 s.
+        let hpa = json!({"behavior": {"scaleUp": {"cooldownSeconds": 15, "policies": [
+            {"type": "Pods", "value": 4, "periodSeconds": 15},
+            {"type": "Percent", "value": 100, "periodSeconds": 15}]}}});
+        let mut l = Loop::new(policy(hpa), 2);
         let d = l.step(0, &load(2, 7.0));
         assert_eq!(d.scale, Some(6));
         assert_eq!(
@@ -995,15 +1036,17 @@ mod tests {
     fn the_forecast_raises_ahead_of_a_ramp_and_never_lowers() {
         let ramp = |predictive: bool| {
             let extra = if predictive {
-                json!({"predictive": {"enabled": true, "horizonSeconds": 30}, "maxReplicas": 50})
+                json!({"predictive": {"enabled": true, "horizonSeconds": 30}})
             } else {
-                json!({"maxReplicas": 50})
+                json!({})
             };
-            let mut l = Loop::new(policy(extra), 4);
-            // Demand grows by 0.02 replica per second from 4.
+            let mut extra = extra;
+            extra["behavior"] = json!({"scaleDown": {"selectPolicy": "Disabled"}});
+            let mut l = Loop::new(policy(extra), 10);
+            // Demand grows by 0.1 replica per second from 8, below the 10 replicas running.
             let mut first_up = None;
             for t in (0..60).step_by(5) {
-                let d = l.demand(t, 4.0 + 0.02 * t as f64);
+                let d = l.demand(t, 8.0 + 0.1 * t as f64);
                 if d.scale.is_some() && first_up.is_none() {
                     first_up = Some((t, d.status.history[0].reason.clone()));
                 }

@@ -159,8 +159,8 @@ pub async fn reconcile(
 
     let readings = match (&target, valid) {
         (Some(ed), true) => {
-            let (readings, buckets) = collect(&ctx, &policy, ed, &memory).await?;
-            memory.buckets = buckets;
+            let (readings, previous) = collect(&ctx, &policy, ed, &memory).await?;
+            memory.previous = previous;
             readings
         }
         _ => vec![],
@@ -213,7 +213,7 @@ async fn collect(
     policy: &ScalingPolicy,
     ed: &EdgeDeployment,
     memory: &Memory,
-) -> Result<(Vec<Reading>, collect::Buckets), Error> {
+) -> Result<(Vec<Reading>, collect::Previous), Error> {
     let metrics = &policy.spec.metrics;
     let namespace = ed.namespace().unwrap_or_default();
     let selector = format!("{NAME_LABEL}={}", ed.name_any());
@@ -266,7 +266,7 @@ async fn collect(
         .await
         .into_iter()
         .collect::<BTreeMap<_, _>>();
-    Ok(collect::readings(metrics, &collected, &memory.buckets))
+    Ok(collect::readings(metrics, &collected, &memory.previous))
 }
 
 pub fn error_policy(
