@@ -131,6 +131,10 @@ demo: demo-build
 bench-build: fetch-model
     cargo bench --bench build
 
+# Autoscaling simulation (Kasmina vs HPA default vs KEDA-style polling on step, spike, diurnal and noisy traces) and the 100-endpoint collection benchmark; SIM_VERBOSE=1 prints every decision
+sim:
+    cargo bench --bench autoscale
+
 # Rollout simulation (good and bad canary) and the cost of the rollout decision for 1,000 objects
 sim-rollout:
     cargo bench --bench rollout

@@ -1,10 +1,11 @@
 //! The Helm chart: renders to valid YAML, grants exactly the permissions the code uses (no
-//! wildcards), and runs the operator hardened.
+//! wildcards), runs the operator hardened, and ships alerts and a dashboard that read only
+//! metrics the runtime and the operator really export.
 //!
 //! Needs `helm` (on PATH, in `$HELM`, or `.tools/bin/helm` from `just install-helm`). Without
 //! it the test says so and passes locally; under CI (`CI=true`) a missing helm fails.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -178,4 +179,119 @@ fn values_schema_rejects_bad_values() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("logFormat"));
+}
+
+/// Every metric name the runtime and the operator export, from their real registries.
+fn exported_metrics() -> BTreeSet<String> {
+    use kasmina::controller::context::Metrics;
+    use kasmina::runtime::load::{InfoLabels, Load};
+    use prometheus_client::registry::Registry;
+
+    let mut runtime = Registry::default();
+    let info = InfoLabels {
+        model: "m".into(),
+        version: "1".into(),
+        revision: "r".into(),
+        digest: "sha256:0".into(),
+        quantization: "q8_0".into(),
+    };
+    let load = Load::new(&mut runtime, info, 8, std::time::Instant::now());
+    load.record(200, "success", 0.01);
+    let mut operator = Registry::with_prefix("kasmina");
+    let metrics = Metrics::register(&mut operator);
+    metrics.scaled("ns", "p", true);
+    metrics.desired_replicas("ns", "p", 3);
+    metrics.reconcile_failed("scalingpolicy", "scale");
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &runtime).unwrap();
+    prometheus_client::encoding::text::encode(&mut text, &operator).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+        .collect()
+}
+
+/// The `kasmina_*` metric names a PromQL expression reads.
+fn metrics_in(expr: &str) -> Vec<String> {
+    let mut names = vec![];
+    let mut rest = expr;
+    while let Some(i) = rest.find("kasmina_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn alerts_and_dashboard_read_exported_metrics_with_the_seed_thresholds() {
+    let Some(helm) = helm() else { return };
+    let docs = render(&helm, &[]);
+    assert!(
+        of_kind(&docs, "PrometheusRule").is_empty(),
+        "off by default"
+    );
+    let docs = render(
+        &helm,
+        &[
+            "--set",
+            "monitoring.prometheusRule.enabled=true",
+            "--set",
+            "monitoring.dashboard.enabled=true",
+            "--set",
+            "monitoring.podMonitor.enabled=true",
+        ],
+    );
+    let exported = exported_metrics();
+    assert!(exported.contains("kasmina_cognitive_load"), "{exported:?}");
+    assert!(
+        exported.contains("kasmina_scaling_events_total"),
+        "{exported:?}"
+    );
+
+    let rules = of_kind(&docs, "PrometheusRule");
+    assert_eq!(rules.len(), 1);
+    let mut exprs = BTreeMap::new();
+    for group in rules[0]["spec"]["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            exprs.insert(
+                rule["alert"].as_str().unwrap().to_owned(),
+                rule["expr"].as_str().unwrap().to_owned(),
+            );
+        }
+    }
+    // The seed's thresholds: load 0.8 / 0.9, latency 100 ms / 500 ms.
+    assert!(exprs["KasminaCognitiveLoadHigh"].ends_with("> 0.8"));
+    assert!(exprs["KasminaCognitiveLoadCritical"].ends_with("> 0.9"));
+    assert!(exprs["KasminaLatencyHigh"].ends_with("> 0.1"));
+    assert!(exprs["KasminaLatencyCritical"].ends_with("> 0.5"));
+    assert!(
+        exprs.contains_key("KasminaErrorRatioHigh") && exprs.contains_key("KasminaScalingFlapping")
+    );
+
+    let dashboard = of_kind(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .expect("a dashboard ConfigMap for Grafana's sidecar");
+    let json: Value =
+        serde_json::from_str(dashboard["data"]["kasmina.json"].as_str().unwrap()).unwrap();
+    let mut read = vec![];
+    for panel in json["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            read.push(target["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(read.len() >= 7, "{read:?}");
+    for expr in exprs.values().chain(&read) {
+        for name in metrics_in(expr) {
+            assert!(
+                exported.contains(&name),
+                "{name} in {expr:?} is not exported"
+            );
+        }
+    }
+    assert_eq!(of_kind(&docs, "PodMonitor").len(), 1);
 }

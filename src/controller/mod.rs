@@ -126,6 +126,10 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("kasmina.dev", "edgedeployments/status", &["patch"]),
     ("kasmina.dev", "scalingpolicies/status", &["patch"]),
     ("kasmina.dev", "complianceprofiles/status", &["patch"]),
+    // ScalingPolicies set replicas only through the scale subresource, as HPA does.
+    ("kasmina.dev", "edgedeployments/scale", &["get", "patch"]),
+    // CPU and memory for Cpu and Memory scaling metrics.
+    ("metrics.k8s.io", "pods", &["list"]),
     ("", "namespaces", &["list", "watch"]),
     // Children of EdgeDeployments.
     (

@@ -519,7 +519,7 @@ fn cognitive_load(c: &Collected, target: Option<f64>, previous: &Previous) -> Re
             let zero = Snapshot::default();
             let before = previous.get(name).or(seen_before.then_some(&zero))?;
             let offered = now.requests - before.requests;
-            (offered >= 0.0).then(|| (offered, offered - (now.errors - before.errors)))
+            (offered >= 0.0).then_some((offered, offered - (now.errors - before.errors)))
         })
         .collect();
     let ready = samples
