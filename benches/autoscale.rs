@@ -630,7 +630,11 @@ fn runtime_exposition() -> String {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; any other argument filters nothing here.
+    // `cargo test --all-targets` builds and runs benches too; only `cargo bench` passes --bench.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("benchmark skipped: run it with `cargo bench --bench autoscale` (or `just sim`)");
+        return;
+    }
     let ok = simulate();
     collection_benchmark();
     if !ok {

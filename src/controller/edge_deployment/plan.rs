@@ -1158,6 +1158,16 @@ pub(crate) mod tests {
             }
         }
 
+        /// The selector of the Service named `name`.
+        pub(crate) fn selector(&self, name: &str) -> std::collections::BTreeMap<String, String> {
+            self.seen
+                .services
+                .iter()
+                .find(|s| s.name_any() == name)
+                .and_then(|s| s.spec.clone()?.selector)
+                .unwrap_or_else(|| panic!("no Service {name} with a selector"))
+        }
+
         pub(crate) fn replicas(&self) -> Vec<(String, i32)> {
             let mut v: Vec<_> = self
                 .seen
@@ -1387,20 +1397,8 @@ pub(crate) mod tests {
         let svc: Vec<_> = w.seen.services.iter().map(|s| s.name_any()).collect();
         assert_eq!(svc, ["sentiment", "sentiment-canary"]);
         // The shared Service selects every revision (replica ratio), the canary one only the new.
-        let sel = |n: &str| {
-            w.seen
-                .services
-                .iter()
-                .find(|s| s.name_any() == n)
-                .unwrap()
-                .spec
-                .clone()
-                .unwrap()
-                .selector
-                .unwrap()
-        };
-        assert!(!sel("sentiment").contains_key(REVISION_LABEL));
-        assert_eq!(sel("sentiment-canary")[REVISION_LABEL], candidate);
+        assert!(!w.selector("sentiment").contains_key(REVISION_LABEL));
+        assert_eq!(w.selector("sentiment-canary")[REVISION_LABEL], candidate);
         // Promote the pause (the command is consumed once).
         w.annotate("kasmina.dev/promote", "t1");
         let plan = w.reconcile();
@@ -1508,19 +1506,7 @@ pub(crate) mod tests {
         w.build_version("2.2.0");
         let green = revision(&w.ed.spec);
         w.converge();
-        let sel = |w: &World, n: &str| {
-            w.seen
-                .services
-                .iter()
-                .find(|s| s.name_any() == n)
-                .unwrap()
-                .spec
-                .clone()
-                .unwrap()
-                .selector
-                .unwrap()[REVISION_LABEL]
-                .clone()
-        };
+        let sel = |w: &World, n: &str| w.selector(n)[REVISION_LABEL].clone();
         assert_eq!(sel(&w, "sentiment"), blue);
         assert_eq!(sel(&w, "sentiment-preview"), green);
         assert_eq!(w.status().phase, Some(Phase::Paused));

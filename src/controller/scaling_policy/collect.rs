@@ -317,13 +317,7 @@ impl Reading {
     pub fn value(&self) -> Option<f64> {
         match self {
             Reading::PerPod { samples, .. } => {
-                let ready: Vec<f64> = samples
-                    .iter()
-                    .filter_map(|s| match s {
-                        PodSample::Ready(v) => Some(*v),
-                        _ => None,
-                    })
-                    .collect();
+                let ready: Vec<f64> = samples.iter().filter_map(PodSample::ready).collect();
                 (!ready.is_empty()).then(|| ready.iter().sum::<f64>() / ready.len() as f64)
             }
             Reading::Ratio { value, .. } | Reading::Total { value, .. } => Some(*value),

@@ -117,44 +117,32 @@ pub fn decide(
     let mut out = Outcome::default();
 
     let ed = match (spec.validate(), target) {
-        (Err(errors), _) => {
-            let message = format!("invalid spec: {errors}; replicas are left as they are");
-            out.able = Some(c(
-                ABLE_TO_SCALE,
-                ConditionStatus::False,
-                "InvalidSpec",
-                message.clone(),
-            ));
-            out.active = Some(c(
-                SCALING_ACTIVE,
-                ConditionStatus::False,
-                "InvalidSpec",
-                message,
-            ));
-            return out.finish(status, memory);
-        }
+        (Err(errors), _) => Err(("InvalidSpec", format!("invalid spec: {errors}"))),
         (Ok(()), None) => {
             status.current_replicas = None;
             let message = format!(
-                "EdgeDeployment {:?} not found in namespace {:?}; replicas are left as they are",
+                "EdgeDeployment {:?} not found in namespace {:?}",
                 spec.target_ref.name,
                 policy.namespace().unwrap_or_default()
             );
+            Err(("TargetNotFound", message))
+        }
+        (Ok(()), Some(ed)) => Ok(ed),
+    };
+    // Nothing can be scaled: both conditions say why, and replicas stay where they are.
+    let ed = match ed {
+        Ok(ed) => ed,
+        Err((reason, message)) => {
+            let message = format!("{message}; replicas are left as they are");
             out.able = Some(c(
                 ABLE_TO_SCALE,
                 ConditionStatus::False,
-                "TargetNotFound",
+                reason,
                 message.clone(),
             ));
-            out.active = Some(c(
-                SCALING_ACTIVE,
-                ConditionStatus::False,
-                "TargetNotFound",
-                message,
-            ));
+            out.active = Some(c(SCALING_ACTIVE, ConditionStatus::False, reason, message));
             return out.finish(status, memory);
         }
-        (Ok(()), Some(ed)) => ed,
     };
     let current = ed.spec.replicas;
     status.current_replicas = Some(current);
@@ -202,10 +190,8 @@ pub fn decide(
                 hpa::per_pod_proposal(pods_now, samples, *target, tolerance).map(|pods| {
                     let demand: f64 = samples
                         .iter()
-                        .filter_map(|s| match s {
-                            hpa::PodSample::Ready(v) => Some(v / target),
-                            _ => None,
-                        })
+                        .filter_map(hpa::PodSample::ready)
+                        .map(|v| v / target)
                         .sum();
                     (pods, demand)
                 })

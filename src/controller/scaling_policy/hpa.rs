@@ -25,6 +25,16 @@ pub enum PodSample {
     Unready,
 }
 
+impl PodSample {
+    /// The value of a ready pod; None for the pods whose value is not trusted or not read.
+    pub fn ready(&self) -> Option<f64> {
+        match self {
+            PodSample::Ready(v) => Some(*v),
+            _ => None,
+        }
+    }
+}
+
 /// `ceil(current × ratio)`, or `current` inside the tolerance band.
 pub fn proposal(current: i32, ratio: f64, tolerance: f64) -> i32 {
     if !ratio.is_finite() || (ratio - 1.0).abs() <= tolerance {
@@ -44,13 +54,7 @@ pub fn per_pod_proposal(
     target: f64,
     tolerance: f64,
 ) -> Option<i32> {
-    let ready: Vec<f64> = samples
-        .iter()
-        .filter_map(|s| match s {
-            PodSample::Ready(v) => Some(*v),
-            _ => None,
-        })
-        .collect();
+    let ready: Vec<f64> = samples.iter().filter_map(PodSample::ready).collect();
     if ready.is_empty() || target <= 0.0 {
         return None;
     }

@@ -241,7 +241,10 @@ async fn collect(
             collect::scrape_pods(&ctx.http, &targets, ctx.concurrency, ctx.timeout).await;
         collected.pods = targets
             .into_iter()
-            .filter_map(|t| Some((t.name.clone(), (t.clone(), scraped.remove(&t.name)?))))
+            .filter_map(|t| {
+                let s = scraped.remove(&t.name)?;
+                Some((t.name.clone(), (t, s)))
+            })
             .collect();
     }
     if wants(&[MetricType::Cpu, MetricType::Memory]) {
