@@ -256,7 +256,7 @@ fn build(args: BuildArgs) -> Result<ExitCode, String> {
         .map_err(|e| format!("starting the async runtime: {e}"))?;
     let outcome = runtime
         .block_on(artifact::build(&options))
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| telemetry::error_chain(&e))?;
     let s = &outcome.summary;
     println!(
         "built {} {} → {}\n  digest {}\n  {} → {} bytes ({:.1}%), {} {:?}\n  quality: min cosine {:.5} (loss {:.5}) over {} samples\n  signed: {}, encrypted: {}",
@@ -300,7 +300,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
         args.expect_digest.as_deref(),
         decrypt.as_ref(),
     )
-    .map_err(|e| error_chain(&e))?;
+    .map_err(|e| telemetry::error_chain(&e))?;
     println!(
         "ok: {} {} digest {}{}",
         verified.manifest.name,
@@ -350,7 +350,7 @@ fn run_service<E: std::error::Error>(
         .build()
         .map_err(|e| format!("starting the async runtime: {e}"))?
         .block_on(service)
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| telemetry::error_chain(&e))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -418,20 +418,6 @@ fn validate(files: &[PathBuf]) -> Result<ExitCode, String> {
     } else {
         ExitCode::SUCCESS
     })
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 #[cfg(test)]

@@ -314,3 +314,228 @@ async fn leader_election_creates_the_lease_then_loses_a_race() {
     ));
     server.assert_idle();
 }
+
+/// A runtime's `/metrics` on `ip`:`port` (0 = any) answering `body`, counting its scrapes.
+async fn runtime_metrics(
+    ip: &str,
+    port: u16,
+    body: &'static str,
+) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move { body }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, hits)
+}
+
+fn runtime_pod(name: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "ml",
+                        "labels": {"kasmina.dev/edge-deployment": "sentiment", "kasmina.dev/revision": "aaaa1111"}},
+           "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
+fn serving_edge_deployment(replicas: i32) -> Value {
+    let mut ed = serde_json::to_value(edge_deployment()).unwrap();
+    ed["spec"]["replicas"] = json!(replicas);
+    ed["status"] = json!({"rollout": {"stable": "aaaa1111"}});
+    ed
+}
+
+fn scaling_policy(metrics: Value) -> ScalingPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "kasmina.dev/v1alpha1", "kind": "ScalingPolicy",
+        "metadata": {"name": "sentiment", "namespace": "ml", "generation": 1, "uid": "sp-uid"},
+        "spec": {"targetRef": {"kind": "EdgeDeployment", "name": "sentiment"},
+                 "minReplicas": 1, "maxReplicas": 10, "metrics": metrics},
+    }))
+    .unwrap()
+}
+
+const ED_PATH: &str = "/apis/kasmina.dev/v1alpha1/namespaces/ml/edgedeployments/sentiment";
+const SP_STATUS: &str = "/apis/kasmina.dev/v1alpha1/namespaces/ml/scalingpolicies/sentiment/status";
+
+#[tokio::test]
+async fn scaling_policy_scrapes_the_pods_and_scales_through_the_scale_subresource() {
+    use std::sync::atomic::Ordering;
+    // Two ready runtime pods on two loopback addresses, one port: loads 0.90 and 0.96.
+    let busy = "# TYPE kasmina_cognitive_load gauge\nkasmina_cognitive_load 0.9\n\
+                # TYPE kasmina_queue_depth gauge\nkasmina_queue_depth 3\n# EOF\n";
+    let busier = "# TYPE kasmina_cognitive_load gauge\nkasmina_cognitive_load 0.96\n\
+                  # TYPE kasmina_queue_depth gauge\nkasmina_queue_depth 5\n# EOF\n";
+    let (port, hits_a) = runtime_metrics("127.0.0.1", 0, busy).await;
+    let (_, hits_b) = runtime_metrics("127.0.0.2", port, busier).await;
+
+    let (base, mut server) = context();
+    let mut ctx = scaling_policy::reconcile::ScalingContext::new(base);
+    ctx.metrics_port = port;
+    let ctx = Arc::new(ctx);
+    let policy = scaling_policy(json!([{"type": "CognitiveLoad", "target": 0.7}]));
+    let answered = policy.clone();
+    let reconcile = tokio::spawn(scaling_policy::reconcile::reconcile(
+        Arc::new(policy.clone()),
+        ctx.clone(),
+    ));
+
+    let ed = serving_edge_deployment(2);
+    server
+        .expect(Method::GET, ED_PATH, StatusCode::OK, |_| ed.clone())
+        .await;
+    let (query, _) = server
+        .expect(Method::GET, "/api/v1/namespaces/ml/pods", StatusCode::OK, |_| {
+            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+                   "items": [runtime_pod("sentiment-a", "127.0.0.1"), runtime_pod("sentiment-b", "127.0.0.2")]})
+        })
+        .await;
+    assert!(
+        query.contains("labelSelector=kasmina.dev%2Fedge-deployment%3Dsentiment"),
+        "{query}"
+    );
+    // ceil(2 × mean(0.90, 0.96) / 0.70) = ceil(2.66) = 3, through the scale subresource.
+    let (query, scale) = server
+        .expect(
+            Method::PATCH,
+            &format!("{ED_PATH}/scale"),
+            StatusCode::OK,
+            |_| {
+                json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                   "metadata": {"name": "sentiment", "namespace": "ml"},
+                   "spec": {"replicas": 3}, "status": {"replicas": 2}})
+            },
+        )
+        .await;
+    assert_eq!(scale, json!({"spec": {"replicas": 3}}));
+    assert!(query.contains("fieldManager=kasmina"), "{query}");
+    let (_, patch) = server
+        .expect(Method::PATCH, SP_STATUS, StatusCode::OK, |_| {
+            serde_json::to_value(&answered).unwrap()
+        })
+        .await;
+    let status = &patch["status"];
+    assert_eq!(status["desiredReplicas"], 3, "{status:#}");
+    assert_eq!(status["currentReplicas"], 2, "{status:#}");
+    assert_eq!(status["lastScaleTime"], NOW_TEXT);
+    assert_eq!(
+        status["history"][0]["reason"], "cognitive load 0.93 > 0.70: 2 → 3",
+        "{status:#}"
+    );
+    let reasons: Vec<(&str, &str)> = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["type"].as_str().unwrap(), c["reason"].as_str().unwrap()))
+        .collect();
+    assert!(
+        reasons.contains(&("ScalingActive", "ValidMetricFound")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("AbleToScale", "ReadyForNewScale")),
+        "{reasons:?}"
+    );
+    let (_, event) = server
+        .expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/ml/events",
+            StatusCode::CREATED,
+            echo,
+        )
+        .await;
+    assert_eq!(
+        (event["type"].as_str(), event["reason"].as_str()),
+        (Some("Normal"), Some("SuccessfulRescale"))
+    );
+    assert_eq!(event["note"], "cognitive load 0.93 > 0.70: 2 → 3");
+    reconcile.await.unwrap().unwrap();
+    server.assert_idle();
+    assert_eq!(
+        (hits_a.load(Ordering::SeqCst), hits_b.load(Ordering::SeqCst)),
+        (1, 1)
+    );
+
+    // The target's status changes wake the policy again within the interval: it reads the
+    // target, but neither scrapes nor writes.
+    let reconcile = tokio::spawn(scaling_policy::reconcile::reconcile(Arc::new(policy), ctx));
+    let ed = serving_edge_deployment(3);
+    server
+        .expect(Method::GET, ED_PATH, StatusCode::OK, |_| ed.clone())
+        .await;
+    reconcile.await.unwrap().unwrap();
+    server.assert_idle();
+    assert_eq!(
+        (hits_a.load(Ordering::SeqCst), hits_b.load(Ordering::SeqCst)),
+        (1, 1)
+    );
+}
+
+#[tokio::test]
+async fn scaling_policy_holds_replicas_when_prometheus_is_unreachable() {
+    // A port that was bound and released: connections are refused.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (base, mut server) = context();
+    let ctx = Arc::new(scaling_policy::reconcile::ScalingContext::new(base));
+    let policy = scaling_policy(json!([{"type": "Prometheus", "target": 10.0,
+        "serverAddress": format!("http://127.0.0.1:{closed}"),
+        "query": "sum(rate(http_requests_total{app=\"sentiment\"}[1m]))"}]));
+    let answered = policy.clone();
+    let reconcile = tokio::spawn(scaling_policy::reconcile::reconcile(Arc::new(policy), ctx));
+    let ed = serving_edge_deployment(4);
+    server
+        .expect(Method::GET, ED_PATH, StatusCode::OK, |_| ed.clone())
+        .await;
+    // No scale request: the next request is the status.
+    let (_, patch) = server
+        .expect(Method::PATCH, SP_STATUS, StatusCode::OK, |_| {
+            serde_json::to_value(&answered).unwrap()
+        })
+        .await;
+    let status = &patch["status"];
+    assert_eq!(status["desiredReplicas"], 4, "{status:#}");
+    let active = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "ScalingActive")
+        .unwrap();
+    assert_eq!(active["status"], "False", "{active:#}");
+    assert_eq!(active["reason"], "FailedGetMetrics", "{active:#}");
+    let message = active["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.metrics[0] (Prometheus)"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("127.0.0.1:{closed}")),
+        "{message}"
+    );
+    assert!(
+        message.contains("Connection refused"),
+        "the cause, not only the URL: {message}"
+    );
+    let (_, event) = server
+        .expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/ml/events",
+            StatusCode::CREATED,
+            echo,
+        )
+        .await;
+    assert_eq!(
+        (event["type"].as_str(), event["reason"].as_str()),
+        (Some("Warning"), Some("FailedGetMetrics"))
+    );
+    reconcile.await.unwrap().unwrap();
+    server.assert_idle();
+}

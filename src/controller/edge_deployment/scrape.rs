@@ -120,7 +120,7 @@ pub async fn scrape(
         .await
         .map_err(|source| Error::Http {
             url: url.to_owned(),
-            source,
+            source: source.without_url(),
         })?;
     if !response.status().is_success() {
         return Err(Error::Status {
@@ -130,7 +130,7 @@ pub async fn scrape(
     }
     let text = response.text().await.map_err(|source| Error::Http {
         url: url.to_owned(),
-        source,
+        source: source.without_url(),
     })?;
     parse(&text).map_err(|source| Error::Parse {
         url: url.to_owned(),

@@ -18,6 +18,7 @@ use crate::controller::edge_deployment::analysis::{Snapshot, quantile};
 use crate::controller::edge_deployment::plan::quantity;
 use crate::controller::edge_deployment::scrape;
 use crate::controller::edge_deployment::workload::REVISION_LABEL;
+use crate::telemetry::error_chain;
 
 /// Errors of the collector's API and Prometheus reads.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +120,7 @@ pub async fn scrape_pods(
                     None => Scraped::Unready,
                     Some(url) => match scrape::scrape(&http, url, timeout).await {
                         Ok(snapshot) => Scraped::Ok(snapshot),
-                        Err(error) => Scraped::Failed(error.to_string()),
+                        Err(error) => Scraped::Failed(error_chain(&error)),
                     },
                 };
                 (pod.name, scraped)
@@ -225,7 +226,7 @@ pub async fn prometheus(
         .await
         .map_err(|source| Error::PrometheusHttp {
             server: server.to_owned(),
-            source,
+            source: source.without_url(),
         })?;
     let status = response.status().as_u16();
     let body = response
@@ -233,7 +234,7 @@ pub async fn prometheus(
         .await
         .map_err(|source| Error::PrometheusHttp {
             server: server.to_owned(),
-            source,
+            source: source.without_url(),
         })?;
     if status >= 300 && status != 400 && status != 422 {
         return Err(Error::PrometheusStatus {

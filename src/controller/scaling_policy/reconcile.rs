@@ -19,6 +19,7 @@ use crate::controller::context::{Context, FIELD_MANAGER};
 use crate::controller::edge_deployment::plan::traffic_revisions;
 use crate::controller::edge_deployment::workload::{NAME_LABEL, RUNTIME_PORT};
 use crate::controller::status::apply_status;
+use crate::telemetry::error_chain;
 
 pub const CONTROLLER: &str = "scalingpolicy";
 
@@ -251,7 +252,7 @@ async fn collect(
         collected.usage = Some(
             collect::resource_usage(&ctx.base.client, &namespace, &selector)
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|e| error_chain(&e)),
         );
     }
     let queries = metrics.iter().enumerate().filter_map(|(i, m)| {
@@ -261,7 +262,7 @@ async fn collect(
         Some(async move {
             let value = collect::prometheus(&ctx.http, server, query, ctx.timeout)
                 .await
-                .map_err(|e| e.to_string());
+                .map_err(|e| error_chain(&e));
             (i, value)
         })
     });
