@@ -343,4 +343,8 @@ fn invalid_examples_are_rejected_naming_the_field() {
             "spec.metrics[0].targetMs: required for type Latency",
         ]
     );
+    assert_eq!(
+        sp[1].problems,
+        ["spec.targetRef.kind: unknown variant `Deployment`, expected `EdgeDeployment`"]
+    );
 }
