@@ -298,6 +298,17 @@ fn compliance_profile_rules() {
 }
 
 #[test]
+fn an_omitted_optimization_allows_the_documented_quality_loss() {
+    let model =
+        json!({"name": "m", "version": "1", "source": {"uri": "s3://m/"}, "architecture": "mlp"});
+    let omitted: EdgeDeploymentSpec = serde_json::from_value(json!({"model": model})).unwrap();
+    let empty: EdgeDeploymentSpec =
+        serde_json::from_value(json!({"model": model, "optimization": {}})).unwrap();
+    assert_eq!(omitted.optimization.max_quality_loss, 0.02);
+    assert_eq!(omitted.optimization, empty.optimization);
+}
+
+#[test]
 fn every_example_is_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let mut checked = 0;

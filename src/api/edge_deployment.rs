@@ -157,7 +157,7 @@ pub enum Architecture {
 }
 
 /// How the model is optimised for the target device.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OptimizationSpec {
     /// The device to plan for. When omitted the controller plans automatically for the smallest
@@ -182,6 +182,19 @@ pub struct OptimizationSpec {
 
 fn default_max_quality_loss() -> f64 {
     0.02
+}
+
+// By hand, not derived: an omitted `optimization` must allow the same 0.02 as an empty one
+// (a derived Default gave 0.0, and the CRD's default for the object carried it).
+impl Default for OptimizationSpec {
+    fn default() -> Self {
+        Self {
+            profile: None,
+            quantization: Quantization::default(),
+            pruning: None,
+            max_quality_loss: default_max_quality_loss(),
+        }
+    }
 }
 
 /// The resources of the target device.

@@ -33,7 +33,8 @@ pub const PROGRESSING: &str = "Progressing";
 pub const ARTIFACT_READY: &str = "ArtifactReady";
 pub const ANALYSIS_PASSING: &str = "AnalysisPassing";
 /// Owned by the ComplianceProfile controller; read here, never written.
-pub const COMPLIANT: &str = "Compliant";
+pub use crate::controller::compliance_profile::rules::COMPLIANT;
+use crate::controller::compliance_profile::rules::ENFORCED_VIOLATION;
 /// The conditions this controller owns (server-side apply keeps the others' entries).
 const OWN_CONDITIONS: [&str; 4] = [READY, PROGRESSING, ARTIFACT_READY, ANALYSIS_PASSING];
 
@@ -259,8 +260,9 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
     if let Some((key, _, _)) = &pending_command {
         plan.consume = Some(key.clone());
     }
+    // Only an Enforce profile's violation blocks; Warn and Audit ones are recorded.
     let compliant = condition::find(&current.conditions, COMPLIANT)
-        .is_none_or(|c| c.status != ConditionStatus::False);
+        .is_none_or(|c| c.status != ConditionStatus::False || c.reason != ENFORCED_VIOLATION);
     let measurement = seen.analysis.as_ref().and_then(|(m, _)| m.clone());
     let candidate_ready = state
         .candidate
@@ -1493,6 +1495,20 @@ pub(crate) mod tests {
             .is_none(),
             "the Compliant condition is never written by this controller"
         );
+
+        // A Warn or Audit profile's violation is recorded, and the rollout goes on.
+        let status = w.ed.status.as_mut().unwrap();
+        status.conditions.retain(|c| c.type_ != COMPLIANT);
+        status.conditions.push(cond(
+            COMPLIANT,
+            ConditionStatus::False,
+            "ViolationNotEnforced",
+            "unsigned",
+            Some(5),
+            now(),
+        ));
+        w.converge();
+        assert_ne!(w.status().stable_revision.as_deref(), Some(stable.as_str()));
     }
 
     #[test]
