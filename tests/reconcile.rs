@@ -165,30 +165,77 @@ async fn scaling_policy_reports_a_missing_target() {
     server.assert_idle();
 }
 
-#[tokio::test]
-async fn compliance_profile_counts_what_it_selects() {
-    let (ctx, mut server) = context();
-    let profile: ComplianceProfile = serde_json::from_value(json!({
-        "apiVersion": "kasmina.dev/v1alpha1", "kind": "ComplianceProfile",
-        "metadata": {"name": "personal-data", "generation": 2, "uid": "cp-uid"},
-        "spec": {"selector": {"matchLabels": {"data-class": "personal"}}, "regulations": ["GDPR"]},
-    }))
-    .unwrap();
-    let (deployments, mut writer) = reflector::store();
-    let mut other = edge_deployment();
-    other.metadata.name = Some("public".into());
-    other.metadata.labels = None;
-    for ed in [edge_deployment(), other] {
+fn compliance_context(
+    ctx: Arc<Context>,
+    deployments: Vec<EdgeDeployment>,
+    profiles: Vec<ComplianceProfile>,
+) -> Arc<ComplianceContext> {
+    let (store, mut writer) = reflector::store();
+    for ed in deployments {
         writer.apply_watcher_event(&Event::InitApply(ed));
     }
     writer.apply_watcher_event(&Event::InitDone);
     let (namespaces, mut ns_writer) = reflector::store();
     ns_writer.apply_watcher_event(&Event::InitDone);
-    let cc = Arc::new(ComplianceContext {
+    let (profile_store, mut p_writer) = reflector::store();
+    for p in profiles {
+        p_writer.apply_watcher_event(&Event::InitApply(p));
+    }
+    p_writer.apply_watcher_event(&Event::InitDone);
+    Arc::new(ComplianceContext {
         ctx,
-        deployments,
+        deployments: store,
         namespaces,
-    });
+        profiles: profile_store,
+    })
+}
+
+fn gdpr_profile(finalized: bool) -> ComplianceProfile {
+    let mut profile: ComplianceProfile = serde_json::from_value(json!({
+        "apiVersion": "kasmina.dev/v1alpha1", "kind": "ComplianceProfile",
+        "metadata": {"name": "personal-data", "generation": 2, "uid": "cp-uid"},
+        "spec": {"selector": {"matchLabels": {"data-class": "personal"}}, "regulations": ["GDPR"]},
+    }))
+    .unwrap();
+    if finalized {
+        profile.metadata.finalizers = Some(vec!["kasmina.dev/compliance".into()]);
+    }
+    profile
+}
+
+const CP_PATH: &str = "/apis/kasmina.dev/v1alpha1/complianceprofiles/personal-data";
+
+#[tokio::test]
+async fn compliance_profile_first_takes_its_finalizer() {
+    let (ctx, mut server) = context();
+    let cc = compliance_context(ctx, vec![edge_deployment()], vec![]);
+    let profile = gdpr_profile(false);
+    let answered = gdpr_profile(true);
+    let reconcile = tokio::spawn(compliance_profile::reconcile::reconcile(
+        Arc::new(profile),
+        cc,
+    ));
+    let (_, patch) = server
+        .expect(Method::PATCH, CP_PATH, StatusCode::OK, |_| {
+            serde_json::to_value(&answered).unwrap()
+        })
+        .await;
+    assert_eq!(
+        patch[1],
+        json!({"op": "add", "path": "/metadata/finalizers", "value": ["kasmina.dev/compliance"]})
+    );
+    reconcile.await.unwrap().unwrap();
+    server.assert_idle();
+}
+
+#[tokio::test]
+async fn compliance_profile_counts_what_it_selects_and_marks_each_deployment() {
+    let (ctx, mut server) = context();
+    let mut other = edge_deployment();
+    other.metadata.name = Some("public".into());
+    other.metadata.labels = None;
+    let profile = gdpr_profile(true);
+    let cc = compliance_context(ctx, vec![edge_deployment(), other], vec![profile.clone()]);
     let answered = profile.clone();
     let reconcile = tokio::spawn(compliance_profile::reconcile::reconcile(
         Arc::new(profile),
@@ -198,21 +245,109 @@ async fn compliance_profile_counts_what_it_selects() {
     let (_, patch) = server
         .expect(
             Method::PATCH,
-            "/apis/kasmina.dev/v1alpha1/complianceprofiles/personal-data/status",
+            &format!("{CP_PATH}/status"),
             StatusCode::OK,
             |_| serde_json::to_value(&answered).unwrap(),
         )
         .await;
+    let violation = "ComplianceProfile personal-data spec.rules.allowedRegions: GDPR requires data residency: the profile must list the regions the runtime may run in (allowedRegions of ComplianceProfile personal-data: GDPR Ch. V, Art. 44)";
     assert_eq!(
         patch["status"],
         json!({
             "observedGeneration": 2,
             "matched": 1,
+            "compliant": 0,
+            "violations": [{"deployment": "ml/sentiment", "rule": "allowedRegions", "message": violation}],
             "conditions": [
-                {"type": "Ready", "status": "True", "reason": "Selected", "message": "selects 1 EdgeDeployment",
+                {"type": "Ready", "status": "True", "reason": "Selected", "message": "selects 1 EdgeDeployment, 0 compliant",
                  "observedGeneration": 2, "lastTransitionTime": NOW_TEXT},
             ],
         })
+    );
+    // Only the selected deployment gets the condition, under its own field manager.
+    let (query, patch) = server
+        .expect(
+            Method::PATCH,
+            &format!("{ED_PATH}/status"),
+            StatusCode::OK,
+            |_| serde_json::to_value(edge_deployment()).unwrap(),
+        )
+        .await;
+    assert!(query.contains("fieldManager=kasmina-compliance"), "{query}");
+    assert!(query.contains("force=true"), "{query}");
+    assert_eq!(
+        patch,
+        json!({"apiVersion": "kasmina.dev/v1alpha1", "kind": "EdgeDeployment", "status": {"conditions": [
+            {"type": "Compliant", "status": "False", "reason": "Violation",
+             "message": format!("not promoted until fixed: {violation}"),
+             "observedGeneration": 4, "lastTransitionTime": NOW_TEXT}]}})
+    );
+    let (_, event) = server
+        .expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/ml/events",
+            StatusCode::CREATED,
+            echo,
+        )
+        .await;
+    assert_eq!(
+        (event["type"].as_str(), event["reason"].as_str()),
+        (Some("Warning"), Some("ComplianceViolation"))
+    );
+    assert_eq!(event["regarding"]["name"], "sentiment");
+    reconcile.await.unwrap().unwrap();
+    server.assert_idle();
+}
+
+#[tokio::test]
+async fn deleting_the_last_profile_clears_what_it_blocked() {
+    let (ctx, mut server) = context();
+    let mut blocked = edge_deployment();
+    blocked.status = Some(
+        serde_json::from_value(json!({"conditions": [
+            {"type": "Compliant", "status": "False", "reason": "Violation", "message": "not promoted until fixed: ...",
+             "observedGeneration": 4, "lastTransitionTime": "2027-01-15T07:00:00Z"}]}))
+        .unwrap(),
+    );
+    let mut profile = gdpr_profile(true);
+    profile.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::from_second(NOW).unwrap()),
+    );
+    let cc = compliance_context(ctx, vec![blocked], vec![profile.clone()]);
+    let reconcile = tokio::spawn(compliance_profile::reconcile::reconcile(
+        Arc::new(profile),
+        cc,
+    ));
+    let (_, patch) = server
+        .expect(
+            Method::PATCH,
+            &format!("{ED_PATH}/status"),
+            StatusCode::OK,
+            |_| serde_json::to_value(edge_deployment()).unwrap(),
+        )
+        .await;
+    let compliant = &patch["status"]["conditions"][0];
+    assert_eq!(
+        (&compliant["status"], &compliant["reason"]),
+        (&json!("True"), &json!("NotSelected"))
+    );
+    let (_, event) = server
+        .expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/ml/events",
+            StatusCode::CREATED,
+            echo,
+        )
+        .await;
+    assert_eq!(event["reason"], "Compliant");
+    let (_, patch) = server
+        .expect(Method::PATCH, CP_PATH, StatusCode::OK, |_| {
+            serde_json::to_value(gdpr_profile(false)).unwrap()
+        })
+        .await;
+    assert_eq!(
+        patch[1],
+        json!({"op": "remove", "path": "/metadata/finalizers/0"})
     );
     reconcile.await.unwrap().unwrap();
     server.assert_idle();

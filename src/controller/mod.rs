@@ -118,10 +118,11 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
         &["get", "list", "watch", "patch"],
     ),
     ("kasmina.dev", "scalingpolicies", &["get", "list", "watch"]),
+    // patch: only the profile's own finalizer (deleting a profile re-evaluates what it governed).
     (
         "kasmina.dev",
         "complianceprofiles",
-        &["get", "list", "watch"],
+        &["get", "list", "watch", "patch"],
     ),
     ("kasmina.dev", "edgedeployments/status", &["patch"]),
     ("kasmina.dev", "scalingpolicies/status", &["patch"]),

@@ -47,23 +47,25 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
                 .ok()
         });
 
+    let controller = Controller::new(
+        Api::<ComplianceProfile>::all(client),
+        watcher::Config::default().any_semantic(),
+    );
     let cc = Arc::new(ComplianceContext {
         ctx,
         deployments,
         namespaces,
+        profiles: controller.store(),
     });
-    Controller::new(
-        Api::<ComplianceProfile>::all(client),
-        watcher::Config::default().any_semantic(),
-    )
-    .with_config(controller::Config::default().debounce(Duration::from_secs(1)))
-    .reconcile_all_on(any_change)
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile::reconcile, reconcile::error_policy, cc)
-    .for_each(|result| async move {
-        if let Err(error) = result {
-            tracing::debug!(%error, "ComplianceProfile controller event");
-        }
-    })
-    .await;
+    controller
+        .with_config(controller::Config::default().debounce(Duration::from_secs(1)))
+        .reconcile_all_on(any_change)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, reconcile::error_policy, cc)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "ComplianceProfile controller event");
+            }
+        })
+        .await;
 }

@@ -765,13 +765,9 @@ mod tests {
     #[test]
     fn each_regulation_pack_asks_for_its_rules() {
         use Regulation::*;
-        let table: [(
-            Regulation,
-            [Option<bool>; 4],
-            Option<u32>,
-            Option<f64>,
-            bool,
-        ); 7] = [
+        /// (signed, encrypted, authentication, audit) flags.
+        type Flags = [Option<bool>; 4];
+        let table: [(Regulation, Flags, Option<u32>, Option<f64>, bool); 7] = [
             // (signed, encrypted, authentication, audit), retention, quality, region pinning
             (
                 Gdpr,
