@@ -767,7 +767,9 @@ mod tests {
         use Regulation::*;
         /// (signed, encrypted, authentication, audit) flags.
         type Flags = [Option<bool>; 4];
-        let table: [(Regulation, Flags, Option<u32>, Option<f64>, bool); 7] = [
+        /// regulation, flags, retention days, max quality loss, region pinning.
+        type Row = (Regulation, Flags, Option<u32>, Option<f64>, bool);
+        let table: [Row; 7] = [
             // (signed, encrypted, authentication, audit), retention, quality, region pinning
             (
                 Gdpr,
