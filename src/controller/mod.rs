@@ -2,6 +2,7 @@
 //! metrics and health, wins the leader election, then runs the three controllers until
 //! SIGTERM (finishing running reconciles and releasing the lease).
 
+pub mod audit;
 pub mod compliance_profile;
 pub mod context;
 pub mod edge_deployment;

@@ -3,6 +3,7 @@
 
 pub mod reconcile;
 pub mod rules;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;

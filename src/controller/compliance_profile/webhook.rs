@@ -1,0 +1,142 @@
+//! The validating admission webhook: what the schema cannot say (semantic validation of all
+//! three kinds) and the ComplianceProfiles' rules for EdgeDeployments. `review` is pure; the
+//! server around it (TLS, certificates) is in `serve`.
+
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::{DynamicObject, Status};
+
+use super::rules::{NamespaceLabels, judge};
+use crate::api::compliance_profile::Enforcement;
+use crate::api::{ComplianceProfile, EdgeDeployment, ScalingPolicy};
+use crate::controller::audit::AuditRecord;
+use crate::manifests::check;
+
+/// A body that is not an AdmissionReview with a request: answered with HTTP 400.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not an AdmissionReview: {0}")]
+    Malformed(String),
+    #[error("the AdmissionReview has no request")]
+    NoRequest,
+}
+
+/// The answer to one review, and the audit record when a profile asks for one.
+#[derive(Clone, Debug)]
+pub struct Reviewed {
+    pub review: AdmissionReview<DynamicObject>,
+    pub audit: Option<AuditRecord>,
+}
+
+/// Reviews one AdmissionReview body against the cached profiles and namespace labels.
+pub fn review(
+    body: &[u8],
+    profiles: &[&ComplianceProfile],
+    namespaces: &NamespaceLabels,
+) -> Result<Reviewed, Error> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| Error::Malformed(e.to_string()))?;
+    let request: AdmissionRequest<DynamicObject> =
+        review.try_into().map_err(|_| Error::NoRequest)?;
+    let (response, audit) = decide(&request, profiles, namespaces);
+    Ok(Reviewed {
+        review: response.into_review(),
+        audit,
+    })
+}
+
+fn deny(
+    response: AdmissionResponse,
+    code: u16,
+    reason: &str,
+    message: String,
+) -> AdmissionResponse {
+    let mut response = response.deny(&message);
+    response.result = Status::failure(&message, reason).with_code(code);
+    response
+}
+
+fn decide(
+    request: &AdmissionRequest<DynamicObject>,
+    profiles: &[&ComplianceProfile],
+    namespaces: &NamespaceLabels,
+) -> (AdmissionResponse, Option<AuditRecord>) {
+    let response = AdmissionResponse::from(request);
+    let kind = request.kind.kind.as_str();
+    // Deletes and subresources (status, scale) carry nothing to judge.
+    if matches!(request.operation, Operation::Delete | Operation::Connect)
+        || request.sub_resource.is_some()
+    {
+        return (response, None);
+    }
+    let what = match &request.namespace {
+        Some(ns) => format!("{kind} {ns}/{}", request.name),
+        None => format!("{kind} {}", request.name),
+    };
+    let Some(object) = &request.object else {
+        let message = format!("{what}: the review carries no object");
+        return (deny(response, 400, "BadRequest", message), None);
+    };
+    let mut doc = match serde_json::to_value(object) {
+        Ok(doc) => doc,
+        Err(e) => {
+            return (
+                deny(response, 400, "BadRequest", format!("{what}: {e}")),
+                None,
+            );
+        }
+    };
+    // On create the name may be generated and the namespace comes from the request.
+    if let (Some(ns), Some(meta)) = (&request.namespace, doc.get_mut("metadata"))
+        && meta.get("namespace").is_none()
+    {
+        meta["namespace"] = ns.clone().into();
+    }
+    let problems = match kind {
+        "EdgeDeployment" => check::<EdgeDeployment>(doc.clone(), |o| o.spec.validate()),
+        "ScalingPolicy" => check::<ScalingPolicy>(doc.clone(), |o| o.spec.validate()),
+        "ComplianceProfile" => check::<ComplianceProfile>(doc.clone(), |o| o.spec.validate()),
+        other => vec![format!("kind: {other} is not a Kasmina kind")],
+    };
+    if !problems.is_empty() {
+        let message = format!("{what} is invalid: {}", problems.join("; "));
+        return (deny(response, 422, "Invalid", message), None);
+    }
+    if kind != "EdgeDeployment" {
+        return (response, None);
+    }
+    let Ok(ed) = serde_json::from_value::<EdgeDeployment>(doc) else {
+        return (response, None);
+    };
+    let verdict = judge(profiles.iter().copied(), &ed, namespaces);
+    let enforced = verdict.messages(Enforcement::Enforce);
+    let warned = verdict.messages(Enforcement::Warn);
+    let audited = verdict.messages(Enforcement::Audit);
+    let (response, decision) = if !enforced.is_empty() {
+        let message = format!(
+            "{what} violates ComplianceProfile rules: {}",
+            enforced.join("; ")
+        );
+        (deny(response, 403, "Forbidden", message), "denied")
+    } else if !warned.is_empty() {
+        let mut response = response;
+        response.warnings = Some(warned.clone());
+        (response, "warned")
+    } else {
+        (response, "allowed")
+    };
+    let mut response = response;
+    for (i, message) in audited.iter().enumerate() {
+        response
+            .audit_annotations
+            .insert(format!("violation-{i}"), message.clone());
+    }
+    let audit = (verdict.rules.audit_logging == Some(true)).then(|| AuditRecord {
+        action: "admission",
+        who: request.user_info.username.clone().unwrap_or_default(),
+        what: format!("{:?} {what}", request.operation).to_uppercase(),
+        decision,
+        reasons: enforced.into_iter().chain(warned).chain(audited).collect(),
+        profiles: verdict.profiles.clone(),
+    });
+    (response, audit)
+}

@@ -1,0 +1,212 @@
+//! The admission webhook with real AdmissionReview JSON, as the API server sends it: allowed,
+//! denied naming the rule and the field, warnings, audit, invalid objects, malformed reviews.
+
+use kasmina::api::ComplianceProfile;
+use kasmina::controller::compliance_profile::rules::NamespaceLabels;
+use kasmina::controller::compliance_profile::webhook::{Error, review};
+use serde_json::{Value, json};
+
+fn edge_deployment(uri: &str) -> Value {
+    json!({"apiVersion": "kasmina.dev/v1alpha1", "kind": "EdgeDeployment",
+           "metadata": {"name": "sentiment", "namespace": "ml", "labels": {"data-class": "personal"}},
+           "spec": {"model": {"name": "minilm", "version": "2.1.0", "source": {"uri": uri}, "architecture": "bert"}}})
+}
+
+fn admission(operation: &str, object: Value) -> Vec<u8> {
+    let kind = object["kind"]
+        .as_str()
+        .unwrap_or("EdgeDeployment")
+        .to_owned();
+    let resource = format!("{}s", kind.to_lowercase());
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "kasmina.dev", "version": "v1alpha1", "kind": kind},
+            "resource": {"group": "kasmina.dev", "version": "v1alpha1", "resource": resource},
+            "requestKind": {"group": "kasmina.dev", "version": "v1alpha1", "kind": kind},
+            "name": object["metadata"]["name"], "namespace": "ml", "operation": operation,
+            "userInfo": {"username": "alice@example.com", "groups": ["system:authenticated"]},
+            "object": object, "oldObject": null, "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+        }
+    }))
+    .unwrap()
+}
+
+fn profile(name: &str, enforcement: &str, rules: Value) -> ComplianceProfile {
+    serde_json::from_value(json!({
+        "apiVersion": "kasmina.dev/v1alpha1", "kind": "ComplianceProfile",
+        "metadata": {"name": name},
+        "spec": {"selector": {"matchLabels": {"data-class": "personal"}}, "enforcement": enforcement, "rules": rules}}))
+    .unwrap()
+}
+
+fn answer(body: &[u8], profiles: &[&ComplianceProfile]) -> (Value, Option<String>) {
+    let reviewed = review(body, profiles, &NamespaceLabels::new()).unwrap();
+    let json = serde_json::to_value(&reviewed.review).unwrap();
+    assert_eq!(json["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(json["kind"], "AdmissionReview");
+    assert_eq!(
+        json["response"]["uid"],
+        "705ab4f5-6393-11e8-b7cc-42010a800002"
+    );
+    (json["response"].clone(), reviewed.audit.map(|a| a.line()))
+}
+
+const APPROVED: &str = "s3://approved-models/minilm/2.1.0/";
+const ROGUE: &str = "s3://scratch/minilm/";
+
+#[test]
+fn a_valid_edge_deployment_is_allowed() {
+    let sources = profile(
+        "sources",
+        "Enforce",
+        json!({"allowedModelSources": ["s3://approved-models/*"]}),
+    );
+    let (response, audit) = answer(&admission("CREATE", edge_deployment(APPROVED)), &[&sources]);
+    assert_eq!(response["allowed"], true, "{response:#}");
+    assert!(response.get("warnings").is_none());
+    assert_eq!(audit, None, "no profile asks for audit");
+}
+
+#[test]
+fn enforce_denies_naming_the_rule_the_field_and_the_profile() {
+    let sources = profile(
+        "sources",
+        "Enforce",
+        json!({"allowedModelSources": ["s3://approved-models/*"]}),
+    );
+    let (response, _) = answer(&admission("CREATE", edge_deployment(ROGUE)), &[&sources]);
+    assert_eq!(response["allowed"], false);
+    assert_eq!(response["status"]["code"], 403);
+    assert_eq!(response["status"]["reason"], "Forbidden");
+    assert_eq!(
+        response["status"]["message"],
+        "EdgeDeployment ml/sentiment violates ComplianceProfile rules: spec.model.source.uri: \
+         \"s3://scratch/minilm/\" matches none of [\"s3://approved-models/*\"] \
+         (allowedModelSources of ComplianceProfile sources)"
+    );
+    // Updates are judged the same way.
+    let (response, _) = answer(&admission("UPDATE", edge_deployment(ROGUE)), &[&sources]);
+    assert_eq!(response["allowed"], false);
+}
+
+#[test]
+fn warn_admits_with_warnings_kubectl_prints() {
+    let soft = profile(
+        "sources",
+        "Warn",
+        json!({"allowedModelSources": ["s3://approved-models/*"]}),
+    );
+    let (response, _) = answer(&admission("CREATE", edge_deployment(ROGUE)), &[&soft]);
+    assert_eq!(response["allowed"], true);
+    let warnings = response["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1);
+    assert!(
+        warnings[0]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.model.source.uri: \"s3://scratch/minilm/\" matches none"),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn audit_only_records_and_audit_logging_writes_who_and_what() {
+    let audit = profile(
+        "sources",
+        "Audit",
+        json!({"allowedModelSources": ["s3://approved-models/*"], "auditLogging": true}),
+    );
+    let (response, line) = answer(&admission("CREATE", edge_deployment(ROGUE)), &[&audit]);
+    assert_eq!(response["allowed"], true);
+    assert!(response.get("warnings").is_none());
+    assert!(
+        response["auditAnnotations"]["violation-0"]
+            .as_str()
+            .unwrap()
+            .contains("allowedModelSources"),
+        "{response:#}"
+    );
+    let record: Value = serde_json::from_str(&line.unwrap()).unwrap();
+    assert_eq!(record["action"], "admission");
+    assert_eq!(record["who"], "alice@example.com");
+    assert_eq!(record["what"], "CREATE EDGEDEPLOYMENT ML/SENTIMENT");
+    assert_eq!(record["decision"], "allowed");
+    assert_eq!(record["profiles"], json!(["sources"]));
+}
+
+#[test]
+fn invalid_objects_are_denied_with_the_field_never_a_500() {
+    let mut ed = edge_deployment(APPROVED);
+    ed["spec"]["strategy"] =
+        json!({"type": "Canary", "canary": {"steps": [{"setWeight": 50}, {"setWeight": 20}]}});
+    let (response, _) = answer(&admission("CREATE", ed), &[]);
+    assert_eq!(response["allowed"], false);
+    assert_eq!(response["status"]["code"], 422);
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "EdgeDeployment ml/sentiment is invalid: spec.strategy.canary.steps[1].setWeight"
+        ),
+        "{message}"
+    );
+
+    let policy = json!({"apiVersion": "kasmina.dev/v1alpha1", "kind": "ScalingPolicy",
+        "metadata": {"name": "sentiment", "namespace": "ml"},
+        "spec": {"targetRef": {"kind": "EdgeDeployment", "name": "sentiment"}, "minReplicas": 5, "maxReplicas": 2,
+                 "metrics": [{"type": "CognitiveLoad", "target": 0.7}]}});
+    let (response, _) = answer(&admission("CREATE", policy), &[]);
+    assert_eq!(
+        response["status"]["message"],
+        "ScalingPolicy ml/sentiment is invalid: spec.minReplicas: 5 is greater than spec.maxReplicas 2"
+    );
+
+    let wrong_type = json!({"apiVersion": "kasmina.dev/v1alpha1", "kind": "ComplianceProfile",
+        "metadata": {"name": "p"}, "spec": {"regulations": ["CCPA"]}});
+    let (response, _) = answer(&admission("CREATE", wrong_type), &[]);
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.regulations[0]: unknown variant `CCPA`"),
+        "{message}"
+    );
+
+    let mut no_object: Value =
+        serde_json::from_slice(&admission("CREATE", edge_deployment(APPROVED))).unwrap();
+    no_object["request"]["object"] = Value::Null;
+    let (response, _) = answer(&serde_json::to_vec(&no_object).unwrap(), &[]);
+    assert_eq!(response["allowed"], false);
+    assert_eq!(response["status"]["code"], 400);
+}
+
+#[test]
+fn deletes_and_subresources_are_not_judged() {
+    let sources = profile(
+        "sources",
+        "Enforce",
+        json!({"allowedModelSources": ["s3://approved-models/*"]}),
+    );
+    let (response, _) = answer(&admission("DELETE", edge_deployment(ROGUE)), &[&sources]);
+    assert_eq!(response["allowed"], true);
+    let mut status: Value =
+        serde_json::from_slice(&admission("UPDATE", edge_deployment(ROGUE))).unwrap();
+    status["request"]["subResource"] = json!("status");
+    let (response, _) = answer(&serde_json::to_vec(&status).unwrap(), &[&sources]);
+    assert_eq!(response["allowed"], true);
+}
+
+#[test]
+fn malformed_reviews_are_errors_not_panics() {
+    for body in [
+        &b"not json"[..],
+        b"{}",
+        b"[1,2]",
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+    ] {
+        match review(body, &[], &NamespaceLabels::new()) {
+            Err(Error::Malformed(_) | Error::NoRequest) => {}
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(body)),
+        }
+    }
+}
