@@ -210,3 +210,166 @@ fn malformed_reviews_are_errors_not_panics() {
         }
     }
 }
+
+mod tls {
+    use std::sync::Arc;
+
+    use kasmina::controller::compliance_profile::certs::{plan, service_names};
+    use kasmina::controller::compliance_profile::serve::{
+        Admission, Reloadable, TlsListener, router, tls_config,
+    };
+    use kube::runtime::reflector;
+    use kube::runtime::watcher::Event;
+    use serde_json::Value;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto::aws_lc_rs};
+
+    const NOW: i64 = 1_800_000_000;
+    const DAY: i64 = 86_400;
+
+    fn names() -> Vec<String> {
+        service_names("kasmina-webhook", "kasmina-system")
+    }
+
+    #[test]
+    fn certificates_are_issued_kept_and_rotated_before_expiry() {
+        let (first, issued) = plan(None, &names(), NOW).unwrap();
+        assert!(issued);
+        assert!(first.not_after - NOW > 360 * DAY, "about a year");
+        assert!(first.ca_not_after - NOW > 5 * 360 * DAY, "about five years");
+        assert_eq!(first.ca_bundle.matches("BEGIN CERTIFICATE").count(), 1);
+
+        let (kept, issued) = plan(Some(first.clone()), &names(), NOW + 300 * DAY).unwrap();
+        assert!(!issued);
+        assert_eq!(kept, first);
+
+        // A month before the serving certificate expires: a new one, from the same CA.
+        let (renewed, issued) = plan(Some(first.clone()), &names(), NOW + 340 * DAY).unwrap();
+        assert!(issued);
+        assert_ne!(renewed.cert, first.cert);
+        assert_eq!(
+            (&renewed.ca_bundle, &renewed.ca_key),
+            (&first.ca_bundle, &first.ca_key)
+        );
+
+        // New names (another Service): a new certificate at once.
+        let moved = service_names("kasmina-webhook", "ops");
+        let (renamed, issued) = plan(Some(first.clone()), &moved, NOW).unwrap();
+        assert!(issued);
+        assert_eq!(renamed.dns_names, moved);
+
+        // A quarter before the CA expires: a new CA, trusted beside the old one.
+        let late = first.ca_not_after - 80 * DAY;
+        let (rotated, issued) = plan(Some(first.clone()), &names(), late).unwrap();
+        assert!(issued);
+        assert_ne!(rotated.ca_key, first.ca_key);
+        assert_eq!(rotated.ca_bundle.matches("BEGIN CERTIFICATE").count(), 2);
+        assert!(rotated.ca_bundle.ends_with(&first.ca_bundle));
+        assert!(rotated.not_after <= rotated.ca_not_after);
+    }
+
+    async fn post(ca_bundle: &str, addr: std::net::SocketAddr, body: &[u8]) -> (u16, Value) {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_bundle.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("kasmina-webhook.kasmina-system.svc").unwrap();
+        let mut tls = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("the certificate verifies against the CA bundle for the Service name");
+        let head = format!(
+            "POST /validate?timeout=10s HTTP/1.1\r\nHost: kasmina-webhook.kasmina-system.svc\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.write_all(body).await.unwrap();
+        let mut raw = vec![];
+        let _ = tls.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let status: u16 = text[9..12].parse().unwrap();
+        let json = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        (status, serde_json::from_str(json).unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn the_webhook_serves_admission_reviews_over_tls_and_survives_rotation() {
+        // The client checks validity against the real clock.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let (material, _) = plan(None, &names(), now).unwrap();
+        let certificate = Arc::new(Reloadable::default());
+        certificate.load(&material.cert, &material.key).unwrap();
+        let (profiles, mut writer) = reflector::store();
+        writer.apply_watcher_event(&Event::InitApply(super::profile(
+            "sources",
+            "Enforce",
+            serde_json::json!({"allowedModelSources": ["s3://approved-models/*"]}),
+        )));
+        writer.apply_watcher_event(&Event::InitDone);
+        let (namespaces, mut ns_writer) = reflector::store();
+        ns_writer.apply_watcher_event(&Event::InitDone);
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let listener = TlsListener::new(tcp, tls_config(certificate.clone()).unwrap()).unwrap();
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                router(Admission {
+                    profiles,
+                    namespaces,
+                }),
+            )
+            .await
+        });
+
+        let body = super::admission("CREATE", super::edge_deployment(super::ROGUE));
+        let (status, review) = post(&material.ca_bundle, addr, &body).await;
+        assert_eq!(status, 200);
+        assert_eq!(review["response"]["allowed"], false);
+        assert!(
+            review["response"]["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("allowedModelSources"),
+            "{review:#}"
+        );
+
+        // Not a review: 400 with a JSON error, never a 500.
+        let (status, error) = post(&material.ca_bundle, addr, b"{\"kind\": 7").await;
+        assert_eq!(status, 400);
+        assert!(
+            error["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("not an AdmissionReview"),
+            "{error}"
+        );
+
+        // The CA rotates: the new certificate is served at once, and the API server's bundle
+        // (old and new CA) trusts it.
+        let mut expiring = material.clone();
+        expiring.ca_not_after = now + 80 * DAY;
+        let (rotated, _) = plan(Some(expiring), &names(), now).unwrap();
+        assert_eq!(rotated.ca_bundle.matches("BEGIN CERTIFICATE").count(), 2);
+        certificate.load(&rotated.cert, &rotated.key).unwrap();
+        let body = super::admission("CREATE", super::edge_deployment(super::APPROVED));
+        let (status, review) = post(&rotated.ca_bundle, addr, &body).await;
+        assert_eq!(
+            (status, &review["response"]["allowed"]),
+            (200, &Value::Bool(true))
+        );
+    }
+}

@@ -1,8 +1,10 @@
 //! The ComplianceProfile controller: which EdgeDeployments each profile governs and whether
 //! they comply.
 
+pub mod certs;
 pub mod reconcile;
 pub mod rules;
+pub mod serve;
 pub mod webhook;
 
 use std::sync::Arc;
