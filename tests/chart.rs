@@ -128,8 +128,33 @@ fn rbac_is_exactly_what_the_code_uses() {
             .find("leases")
             .is_none()
     );
-    // No Secrets access at all in this version.
-    assert!(!granted.iter().any(|(_, r, _)| r == "secrets"));
+    // Secrets: only the webhook's, only in the release namespace; the webhook configuration
+    // only by name.
+    let cluster = of_kind(&docs, "ClusterRole")[0]["rules"].to_string();
+    assert!(
+        !cluster.contains("secrets"),
+        "no cluster-wide Secrets access"
+    );
+    for role in of_kind(&docs, "Role") {
+        assert_eq!(role["metadata"]["namespace"], "kasmina-system");
+        for rule in role["rules"].as_array().unwrap() {
+            if strings(&rule["resources"]).contains(&"secrets".to_owned()) {
+                let verbs = strings(&rule["verbs"]);
+                assert!(
+                    verbs == ["create"]
+                        || strings(&rule["resourceNames"]) == ["kasmina-webhook-tls"],
+                    "{rule}"
+                );
+            }
+        }
+    }
+    let vwc = of_kind(&docs, "ClusterRole")[0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| strings(&r["resources"]) == ["validatingwebhookconfigurations"])
+        .unwrap();
+    assert_eq!(strings(&vwc["resourceNames"]), ["kasmina"]);
 }
 
 #[test]
@@ -294,4 +319,67 @@ fn alerts_and_dashboard_read_exported_metrics_with_the_seed_thresholds() {
         }
     }
     assert_eq!(of_kind(&docs, "PodMonitor").len(), 1);
+}
+
+#[test]
+fn the_webhook_configuration_points_at_what_the_operator_serves() {
+    let Some(helm) = helm() else { return };
+    let docs = render(&helm, &[]);
+    let deployment = of_kind(&docs, "Deployment")[0];
+    let args = strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"]);
+    let arg = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("no --{name} in {args:?}"))
+            .to_owned()
+    };
+    assert_eq!(arg("webhook"), "true");
+    assert_eq!(arg("webhook-certs"), "self");
+    let vwc = of_kind(&docs, "ValidatingWebhookConfiguration")[0];
+    assert_eq!(
+        vwc["metadata"]["name"].as_str().unwrap(),
+        arg("webhook-configuration")
+    );
+    let hook = &vwc["webhooks"][0];
+    assert_eq!(hook["failurePolicy"], "Fail");
+    assert_eq!(hook["sideEffects"], "None");
+    let service = &hook["clientConfig"]["service"];
+    assert_eq!(service["name"].as_str().unwrap(), arg("webhook-service"));
+    assert_eq!(service["path"], "/validate");
+    assert_eq!(
+        strings(&hook["rules"][0]["resources"]),
+        ["edgedeployments", "scalingpolicies", "complianceprofiles"]
+    );
+    let svc = of_kind(&docs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == service["name"])
+        .expect("the webhook Service");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "https-webhook");
+    assert!(arg("webhook-addr").ends_with(":8443"));
+
+    // cert-manager: a Certificate writes the Secret the operator reads; the CA is injected.
+    let docs = render(&helm, &["--set", "webhook.certManager.enabled=true"]);
+    let vwc = of_kind(&docs, "ValidatingWebhookConfiguration")[0];
+    assert_eq!(
+        vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "kasmina-system/kasmina-webhook"
+    );
+    let cert = of_kind(&docs, "Certificate")[0];
+    assert_eq!(cert["spec"]["secretName"], "kasmina-webhook-tls");
+    assert_eq!(cert["spec"]["issuerRef"]["kind"], "Issuer");
+    let deployment = of_kind(&docs, "Deployment")[0];
+    let args = strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert!(
+        args.contains(&"--webhook-certs=cert-manager".to_owned()),
+        "{args:?}"
+    );
+
+    // Off: no webhook objects and no Secrets access.
+    let docs = render(&helm, &["--set", "webhook.enabled=false"]);
+    assert!(of_kind(&docs, "ValidatingWebhookConfiguration").is_empty());
+    assert!(
+        !serde_json::to_string(&of_kind(&docs, "Role"))
+            .unwrap()
+            .contains("secrets")
+    );
 }

@@ -76,6 +76,48 @@ pub struct Config {
     /// A Secret, in each EdgeDeployment's namespace, with the artifact store's credentials.
     #[arg(long, env = "KASMINA_ARTIFACT_STORE_SECRET")]
     pub artifact_store_secret: Option<String>,
+
+    /// Serve the validating admission webhook (on every replica). Off for `just run` on a
+    /// laptop, where the API server cannot call back.
+    #[arg(long, env = "KASMINA_WEBHOOK", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook: bool,
+
+    /// Address of the webhook's HTTPS server.
+    #[arg(long, env = "KASMINA_WEBHOOK_ADDR", default_value = "0.0.0.0:8443")]
+    pub webhook_addr: SocketAddr,
+
+    /// The Service in front of the webhook, in the operator's namespace (certificate names).
+    #[arg(
+        long,
+        env = "KASMINA_WEBHOOK_SERVICE",
+        default_value = "kasmina-webhook"
+    )]
+    pub webhook_service: String,
+
+    /// The Secret holding the webhook's certificate (and, when self-managed, its CA).
+    #[arg(
+        long,
+        env = "KASMINA_WEBHOOK_SECRET",
+        default_value = "kasmina-webhook-tls"
+    )]
+    pub webhook_secret: String,
+
+    /// The ValidatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, env = "KASMINA_WEBHOOK_CONFIGURATION", default_value = "kasmina")]
+    pub webhook_configuration: String,
+
+    /// `self`: issue and rotate the certificates; `cert-manager`: read the Secret
+    /// cert-manager writes (its CA injector sets the caBundle).
+    #[arg(long, env = "KASMINA_WEBHOOK_CERTS", default_value = "self")]
+    pub webhook_certs: WebhookCerts,
+}
+
+/// Who manages the webhook's certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WebhookCerts {
+    #[value(name = "self")]
+    SelfManaged,
+    CertManager,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -107,6 +149,8 @@ pub enum Error {
     },
     #[error("lost leadership ({0}); exiting so this replica restarts as a standby")]
     LeadershipLost(String),
+    #[error("admission webhook: {0}")]
+    Webhook(#[from] compliance_profile::serve::Error),
 }
 
 /// Every API permission the operator's code uses: (API group, resource, verbs). The Helm
@@ -155,6 +199,14 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("", "nodes", &["list"]),
     // Canary weights through a user's HTTPRoute.
     ("gateway.networking.k8s.io", "httproutes", &["get", "patch"]),
+    // The webhook's caBundle (the chart narrows it to its own configuration by name).
+    (
+        "admissionregistration.k8s.io",
+        "validatingwebhookconfigurations",
+        &["get", "patch"],
+    ),
+    // The webhook's certificate Secret, in the operator's namespace only (a Role).
+    ("", "secrets", &["get", "create", "update"]),
     ("events.k8s.io", "events", &["create", "patch"]),
     // Namespaced to the operator's own namespace (a Role, not a ClusterRole).
     (
@@ -222,6 +274,35 @@ pub async fn run(config: Config) -> Result<(), Error> {
         health.clone(),
         shutdown.clone(),
     ));
+    // Every replica serves the webhook: the API server calls whichever the Service picks.
+    let webhook = if config.webhook {
+        let namespace = config
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        let location = compliance_profile::certs::Location {
+            namespace,
+            secret: config.webhook_secret.clone(),
+            service: config.webhook_service.clone(),
+            webhook_configuration: (config.webhook_certs == WebhookCerts::SelfManaged)
+                .then(|| config.webhook_configuration.clone()),
+        };
+        let settings = compliance_profile::serve::WebhookConfig {
+            addr: config.webhook_addr,
+            location,
+        };
+        let (client, stop) = (client.clone(), shutdown.clone());
+        Some(tokio::spawn(async move {
+            let served = compliance_profile::serve::run(client, settings, stop.clone()).await;
+            // Without its webhook the replica is not whole: stop, and let it restart.
+            if served.is_err() {
+                stop.cancel();
+            }
+            served
+        }))
+    } else {
+        None
+    };
     // Standby replicas are ready too: they are healthy and take over when the leader goes.
     health.set_ready(true);
 
@@ -268,6 +349,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     shutdown.cancel();
     if let Ok(Err(source)) = http.await {
         tracing::warn!(%source, "metrics server");
+    }
+    if let Some(webhook) = webhook
+        && let Ok(Err(error)) = webhook.await
+    {
+        tracing::error!(%error, "admission webhook");
+        return result.and(Err(Error::Webhook(error)));
     }
     result
 }
