@@ -406,9 +406,43 @@ async fn steady_state_writes_nothing() {
     assert!(writes.is_empty(), "steady state wrote: {writes:?}");
     let requests = cluster.store.lock().unwrap().requests.len();
     assert_eq!(
-        requests, 3,
-        "one list each of Deployments, Services and Jobs"
+        requests, 4,
+        "one list each of Deployments, Services, Jobs and ComplianceProfiles"
     );
+}
+
+#[tokio::test]
+async fn a_profile_with_allowed_regions_pins_the_runtime_there() {
+    let cluster = Cluster::new(NOW, 0);
+    let rev = serving(&cluster, json!({})).await;
+    let deployment = format!("{DEPLOYMENTS}/sentiment-{}", &rev[..8]);
+    let affinity = |c: &Cluster| c.get(&deployment)["spec"]["template"]["spec"]["affinity"].clone();
+    assert_eq!(affinity(&cluster), Value::Null);
+
+    // A profile selecting it (an empty selector selects all): the Deployment is re-applied
+    // with the region requirement; the revision, and so the rollout, stays as it is.
+    cluster.put(
+        "/apis/kasmina.dev/v1alpha1/complianceprofiles/eu",
+        json!({"apiVersion": "kasmina.dev/v1alpha1", "kind": "ComplianceProfile", "metadata": {"name": "eu"},
+               "spec": {"rules": {"allowedRegions": ["eu-west-1", "eu-central-1"]}}}),
+    );
+    let writes = cluster.reconcile().await;
+    assert!(
+        writes.contains(&format!("PATCH {deployment}")),
+        "{writes:?}"
+    );
+    assert_eq!(
+        affinity(&cluster)["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+        json!([{"matchExpressions": [{"key": "topology.kubernetes.io/region", "operator": "In",
+                                      "values": ["eu-west-1", "eu-central-1"]}]}])
+    );
+    assert_eq!(
+        cluster.ed().status.unwrap().stable_revision.as_deref(),
+        Some(rev.as_str())
+    );
+    cluster.settle();
+    let writes = cluster.reconcile().await;
+    assert!(writes.is_empty(), "then steady again: {writes:?}");
 }
 
 #[tokio::test]

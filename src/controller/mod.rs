@@ -176,7 +176,8 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("kasmina.dev", "edgedeployments/scale", &["get", "patch"]),
     // CPU and memory for Cpu and Memory scaling metrics.
     ("metrics.k8s.io", "pods", &["list"]),
-    ("", "namespaces", &["list", "watch"]),
+    // Namespace labels for ComplianceProfiles' namespaceSelector.
+    ("", "namespaces", &["get", "list", "watch"]),
     // Children of EdgeDeployments.
     (
         "batch",

@@ -25,6 +25,9 @@ pub const ENFORCED_VIOLATION: &str = "Violation";
 pub const UNENFORCED_VIOLATION: &str = "ViolationNotEnforced";
 /// Node label the region rules read (and the workload's node affinity pins).
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// The region list when profiles allow none in common: no node carries it, so pinned pods
+/// stay Pending rather than run where one of the profiles forbids.
+pub const NO_COMMON_REGION: &str = "kasmina.dev-no-common-region";
 /// Violations kept in a profile's status (the schema's bound).
 pub const MAX_VIOLATIONS: usize = 100;
 
@@ -225,12 +228,19 @@ pub fn strictest(a: &ComplianceRules, b: &ComplianceRules) -> ComplianceRules {
         (x, y) => x.or(y),
     };
     let allowed_regions = match (a.allowed_regions.is_empty(), b.allowed_regions.is_empty()) {
-        (false, false) => a
-            .allowed_regions
-            .iter()
-            .filter(|r| b.allowed_regions.contains(r))
-            .cloned()
-            .collect(),
+        (false, false) => {
+            let common: Vec<String> = a
+                .allowed_regions
+                .iter()
+                .filter(|r| b.allowed_regions.contains(r))
+                .cloned()
+                .collect();
+            if common.is_empty() {
+                vec![NO_COMMON_REGION.to_owned()]
+            } else {
+                common
+            }
+        }
         (true, _) => b.allowed_regions.clone(),
         (false, true) => a.allowed_regions.clone(),
     };
@@ -508,7 +518,23 @@ pub fn judge<'a>(
         }
         let resolved = Resolved::new(profile);
         verdict.profiles.push(resolved.profile.clone());
+        let before = verdict.rules.allowed_regions.clone();
         verdict.rules = strictest(&verdict.rules, &resolved.rules);
+        if verdict.rules.allowed_regions == [NO_COMMON_REGION] && before != [NO_COMMON_REGION] {
+            let message = format!(
+                "allowedRegions: ComplianceProfile {} allows {:?}, the profiles before it {:?}: no region in common, so the runtime cannot be scheduled",
+                resolved.profile, resolved.rules.allowed_regions, before
+            );
+            verdict.findings.push((
+                resolved.profile.clone(),
+                resolved.enforcement,
+                Finding {
+                    rule: "allowedRegions",
+                    field: "allowedRegions".into(),
+                    message,
+                },
+            ));
+        }
         for finding in check(&resolved, ed) {
             verdict
                 .findings
@@ -1083,6 +1109,17 @@ mod tests {
         assert_eq!(verdict.rules.require_signed_artifacts, Some(true));
         assert_eq!(verdict.messages(Enforcement::Enforce), Vec::<String>::new());
         assert_eq!(verdict.messages(Enforcement::Warn).len(), 1);
+
+        // Two Enforce profiles with no region in common: a finding, and nowhere to run.
+        let p3 = named(
+            "us-only",
+            serde_json::json!({"rules": {"allowedRegions": ["us-east-1"]}}),
+        );
+        let verdict = judge([&p1, &p3], &eds, &NamespaceLabels::new());
+        assert_eq!(verdict.rules.allowed_regions, [NO_COMMON_REGION]);
+        let enforced = verdict.messages(Enforcement::Enforce);
+        assert_eq!(enforced.len(), 1);
+        assert!(enforced[0].contains("no region in common"), "{enforced:?}");
     }
 
     #[test]

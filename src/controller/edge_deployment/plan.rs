@@ -81,6 +81,8 @@ pub struct Observed {
     pub analysis: Option<(Option<Measurement>, AnalysisStatus)>,
     /// The HTTPRoute named by `gatewayAPI.httpRoute`, when that router is used.
     pub route: Option<Value>,
+    /// Regions the ComplianceProfiles selecting it allow (empty: no pin).
+    pub allowed_regions: Vec<String>,
 }
 
 /// What the reconciler should apply, delete, write and say.
@@ -298,6 +300,7 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
             rev,
             &record.artifact,
             replicas_for(ed, &next, rev),
+            &seen.allowed_regions,
         );
         let name = desired.name_any();
         if !seen

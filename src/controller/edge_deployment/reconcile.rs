@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
 };
@@ -19,7 +19,8 @@ use super::analysis;
 use super::plan::{self, Observed, own_status};
 use super::scrape;
 use super::workload::{self, NAME_LABEL, REVISION_LABEL, Settings};
-use crate::api::EdgeDeployment;
+use crate::api::{ComplianceProfile, EdgeDeployment};
+use crate::controller::compliance_profile::rules::{NamespaceLabels, judge};
 use crate::controller::context::{Context, FIELD_MANAGER};
 use crate::controller::status::apply_status;
 
@@ -161,6 +162,37 @@ async fn build_message(pods: &Api<Pod>, job: &str, ns: &str) -> Result<Option<St
     Ok(messages.pop().map(|(_, m)| m))
 }
 
+/// The regions the ComplianceProfiles selecting `ed` allow, strictest combined (empty: none
+/// pins it). The namespace's labels are read only when a profile selects by them.
+async fn allowed_regions(
+    client: &kube::Client,
+    ed: &EdgeDeployment,
+    ns: &str,
+) -> Result<Vec<String>, Error> {
+    let profiles = Api::<ComplianceProfile>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(api_error("list", "complianceprofiles", ns))?
+        .items;
+    if profiles
+        .iter()
+        .all(|p| p.spec.rules.allowed_regions.is_empty())
+    {
+        return Ok(vec![]);
+    }
+    let mut namespaces = NamespaceLabels::new();
+    if profiles.iter().any(|p| p.spec.namespace_selector.is_some()) {
+        let meta = Api::<Namespace>::all(client.clone())
+            .get_metadata_opt(ns)
+            .await
+            .map_err(api_error("get", "namespace", ns))?;
+        if let Some(meta) = meta {
+            namespaces.insert(ns.to_owned(), meta.labels().clone());
+        }
+    }
+    Ok(judge(&profiles, ed, &namespaces).rules.allowed_regions)
+}
+
 fn route_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
         "gateway.networking.k8s.io",
@@ -190,6 +222,7 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
         deployments: children(&deployments, &ed, &ns).await?,
         services: children(&services, &ed, &ns).await?,
         jobs: children(&jobs, &ed, &ns).await?,
+        allowed_regions: allowed_regions(&client, &ed, &ns).await?,
         ..Observed::default()
     };
     if ed.spec.validate().is_ok() {

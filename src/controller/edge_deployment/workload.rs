@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvFromSource, HTTPGetAction, HostPathVolumeSource, PodSpec,
+    Affinity, Container, ContainerPort, EnvFromSource, HTTPGetAction, HostPathVolumeSource,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSpec,
     PodTemplateSpec, Probe, SecretEnvSource, Service, ServicePort, ServiceSpec, Volume,
     VolumeMount,
 };
@@ -19,6 +20,7 @@ use serde::Serialize;
 use crate::api::edge_deployment::{
     ArtifactStatus, DeviceProfile, EdgeDeployment, PruningMethod, Quantization,
 };
+use crate::controller::compliance_profile::rules::REGION_LABEL;
 
 /// Label on every child and runtime pod: the EdgeDeployment's name.
 pub const NAME_LABEL: &str = "kasmina.dev/edge-deployment";
@@ -290,13 +292,46 @@ fn probe(path: &str, period: i32) -> Probe {
     }
 }
 
-/// The runtime Deployment of one live revision.
+/// The template's affinity, with the runtime required to run in `regions` (the
+/// ComplianceProfiles' `allowedRegions`; empty: unchanged). Node selector terms are ORed, so
+/// the region requirement goes into each of them.
+pub fn pin_regions(affinity: Option<&Affinity>, regions: &[String]) -> Option<Affinity> {
+    if regions.is_empty() {
+        return affinity.cloned();
+    }
+    let requirement = NodeSelectorRequirement {
+        key: REGION_LABEL.into(),
+        operator: "In".into(),
+        values: Some(regions.to_vec()),
+    };
+    let mut affinity = affinity.cloned().unwrap_or_default();
+    let node = affinity
+        .node_affinity
+        .get_or_insert_with(NodeAffinity::default);
+    let required = node
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(NodeSelector::default);
+    if required.node_selector_terms.is_empty() {
+        required
+            .node_selector_terms
+            .push(NodeSelectorTerm::default());
+    }
+    for term in &mut required.node_selector_terms {
+        term.match_expressions
+            .get_or_insert_with(Vec::new)
+            .push(requirement.clone());
+    }
+    Some(affinity)
+}
+
+/// The runtime Deployment of one live revision; `regions` pins its pods (data residency).
 pub fn runtime_deployment(
     settings: &Settings,
     ed: &EdgeDeployment,
     revision: &str,
     artifact: &ArtifactStatus,
     replicas: i32,
+    regions: &[String],
 ) -> Deployment {
     let template = &ed.spec.template;
     let selector = BTreeMap::from([
@@ -363,7 +398,7 @@ pub fn runtime_deployment(
                         .then(|| template.node_selector.clone()),
                     tolerations: (!template.tolerations.is_empty())
                         .then(|| template.tolerations.clone()),
-                    affinity: template.affinity.clone(),
+                    affinity: pin_regions(template.affinity.as_ref(), regions),
                     priority_class_name: template.priority_class_name.clone(),
                     // drain delay + drain timeout of the runtime.
                     termination_grace_period_seconds: Some(40),
@@ -457,7 +492,7 @@ mod tests {
             uri: Some("s3://a/b/".into()),
             ..ArtifactStatus::default()
         };
-        let d = runtime_deployment(&settings(), &ed, "0123456789abcdef", &artifact, 3);
+        let d = runtime_deployment(&settings(), &ed, "0123456789abcdef", &artifact, 3, &[]);
         assert_eq!(d.name_any(), "sentiment-01234567");
         let spec = d.spec;
         assert_eq!(spec.replicas, Some(3));
@@ -509,5 +544,69 @@ mod tests {
             .map(|v| v.host_path.as_ref().unwrap().path.clone())
             .collect();
         assert_eq!(paths, ["/var/lib/kasmina", "/models/minilm"]);
+    }
+
+    #[test]
+    fn compliance_regions_pin_every_node_selector_term() {
+        let regions = vec!["eu-west-1".to_owned(), "eu-central-1".to_owned()];
+        assert_eq!(pin_regions(None, &[]), None, "no profile, no pin");
+        let pinned = pin_regions(None, &regions).unwrap();
+        let terms = pinned
+            .node_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()
+            .node_selector_terms;
+        assert_eq!(terms.len(), 1);
+        let e = &terms[0].match_expressions.as_ref().unwrap()[0];
+        assert_eq!((e.key.as_str(), e.operator.as_str()), (REGION_LABEL, "In"));
+        assert_eq!(e.values.as_ref().unwrap(), &regions);
+
+        // The user's own terms are kept, and each of them gets the region (terms are ORed).
+        let own: Affinity = serde_json::from_value(serde_json::json!({"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "kasmina.dev/accelerator", "operator": "In", "values": ["npu"]}]},
+                {"matchExpressions": [{"key": "node-role", "operator": "In", "values": ["edge"]}]}]}},
+            "podAntiAffinity": {}}))
+        .unwrap();
+        let pinned = pin_regions(Some(&own), &regions).unwrap();
+        assert!(pinned.pod_anti_affinity.is_some());
+        let terms = pinned
+            .node_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()
+            .node_selector_terms;
+        assert_eq!(terms.len(), 2);
+        for term in terms {
+            let keys: Vec<String> = term
+                .match_expressions
+                .unwrap()
+                .into_iter()
+                .map(|e| e.key)
+                .collect();
+            assert_eq!(keys.len(), 2);
+            assert_eq!(keys[1], REGION_LABEL);
+        }
+
+        // And the runtime Deployment carries it.
+        let artifact = ArtifactStatus {
+            digest: "sha256:abc".into(),
+            ..ArtifactStatus::default()
+        };
+        let d = runtime_deployment(
+            &settings(),
+            &sample(),
+            "0123456789abcdef",
+            &artifact,
+            3,
+            &regions,
+        );
+        let affinity = d.spec.template.spec.unwrap().affinity.unwrap();
+        assert!(
+            serde_json::to_string(&affinity)
+                .unwrap()
+                .contains("eu-central-1")
+        );
     }
 }
