@@ -60,6 +60,24 @@ impl ApiServer {
         (uri.query().unwrap_or("").to_owned(), body)
     }
 
+    /// Takes the next request: an Event of `type_` and `reason` in namespace ml.
+    async fn expect_event(&mut self, type_: &str, reason: &str) -> Value {
+        let (_, event) = self
+            .expect(
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/ml/events",
+                StatusCode::CREATED,
+                echo,
+            )
+            .await;
+        assert_eq!(
+            (event["type"].as_str(), event["reason"].as_str()),
+            (Some(type_), Some(reason)),
+            "{event:#}"
+        );
+        event
+    }
+
     /// Asserts nothing else was asked of the API server.
     fn assert_idle(&mut self) {
         // Pending (client alive, nothing sent) or closed (client dropped) both mean idle.
@@ -149,18 +167,7 @@ async fn scaling_policy_reports_a_missing_target() {
             ],
         })
     );
-    let (_, event) = server
-        .expect(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/ml/events",
-            StatusCode::CREATED,
-            echo,
-        )
-        .await;
-    assert_eq!(
-        (event["type"].as_str(), event["reason"].as_str()),
-        (Some("Warning"), Some("TargetNotFound"))
-    );
+    server.expect_event("Warning", "TargetNotFound").await;
     reconcile.await.unwrap().unwrap();
     server.assert_idle();
 }
@@ -282,18 +289,7 @@ async fn compliance_profile_counts_what_it_selects_and_marks_each_deployment() {
              "message": format!("not promoted until fixed: {violation}"),
              "observedGeneration": 4, "lastTransitionTime": NOW_TEXT}]}})
     );
-    let (_, event) = server
-        .expect(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/ml/events",
-            StatusCode::CREATED,
-            echo,
-        )
-        .await;
-    assert_eq!(
-        (event["type"].as_str(), event["reason"].as_str()),
-        (Some("Warning"), Some("ComplianceViolation"))
-    );
+    let event = server.expect_event("Warning", "ComplianceViolation").await;
     assert_eq!(event["regarding"]["name"], "sentiment");
     reconcile.await.unwrap().unwrap();
     server.assert_idle();
@@ -331,15 +327,7 @@ async fn deleting_the_last_profile_clears_what_it_blocked() {
         (&compliant["status"], &compliant["reason"]),
         (&json!("True"), &json!("NotSelected"))
     );
-    let (_, event) = server
-        .expect(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/ml/events",
-            StatusCode::CREATED,
-            echo,
-        )
-        .await;
-    assert_eq!(event["reason"], "Compliant");
+    server.expect_event("Normal", "Compliant").await;
     let (_, patch) = server
         .expect(Method::PATCH, CP_PATH, StatusCode::OK, |_| {
             serde_json::to_value(gdpr_profile(false)).unwrap()
@@ -577,18 +565,7 @@ async fn scaling_policy_scrapes_the_pods_and_scales_through_the_scale_subresourc
         reasons.contains(&("AbleToScale", "ReadyForNewScale")),
         "{reasons:?}"
     );
-    let (_, event) = server
-        .expect(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/ml/events",
-            StatusCode::CREATED,
-            echo,
-        )
-        .await;
-    assert_eq!(
-        (event["type"].as_str(), event["reason"].as_str()),
-        (Some("Normal"), Some("SuccessfulRescale"))
-    );
+    let event = server.expect_event("Normal", "SuccessfulRescale").await;
     assert_eq!(event["note"], "cognitive load 0.93 > 0.70: 2 → 3");
     reconcile.await.unwrap().unwrap();
     server.assert_idle();
@@ -659,18 +636,7 @@ async fn scaling_policy_holds_replicas_when_prometheus_is_unreachable() {
         message.contains("Connection refused"),
         "the cause, not only the URL: {message}"
     );
-    let (_, event) = server
-        .expect(
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/ml/events",
-            StatusCode::CREATED,
-            echo,
-        )
-        .await;
-    assert_eq!(
-        (event["type"].as_str(), event["reason"].as_str()),
-        (Some("Warning"), Some("FailedGetMetrics"))
-    );
+    server.expect_event("Warning", "FailedGetMetrics").await;
     reconcile.await.unwrap().unwrap();
     server.assert_idle();
 }

@@ -546,17 +546,20 @@ mod tests {
         assert_eq!(paths, ["/var/lib/kasmina", "/models/minilm"]);
     }
 
+    fn required_terms(affinity: Affinity) -> Vec<NodeSelectorTerm> {
+        affinity
+            .node_affinity
+            .and_then(|n| n.required_during_scheduling_ignored_during_execution)
+            .map(|r| r.node_selector_terms)
+            .unwrap_or_default()
+    }
+
     #[test]
     fn compliance_regions_pin_every_node_selector_term() {
         let regions = vec!["eu-west-1".to_owned(), "eu-central-1".to_owned()];
         assert_eq!(pin_regions(None, &[]), None, "no profile, no pin");
         let pinned = pin_regions(None, &regions).unwrap();
-        let terms = pinned
-            .node_affinity
-            .unwrap()
-            .required_during_scheduling_ignored_during_execution
-            .unwrap()
-            .node_selector_terms;
+        let terms = required_terms(pinned);
         assert_eq!(terms.len(), 1);
         let e = &terms[0].match_expressions.as_ref().unwrap()[0];
         assert_eq!((e.key.as_str(), e.operator.as_str()), (REGION_LABEL, "In"));
@@ -571,12 +574,7 @@ mod tests {
         .unwrap();
         let pinned = pin_regions(Some(&own), &regions).unwrap();
         assert!(pinned.pod_anti_affinity.is_some());
-        let terms = pinned
-            .node_affinity
-            .unwrap()
-            .required_during_scheduling_ignored_during_execution
-            .unwrap()
-            .node_selector_terms;
+        let terms = required_terms(pinned);
         assert_eq!(terms.len(), 2);
         for term in terms {
             let keys: Vec<String> = term
