@@ -275,14 +275,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
         health.clone(),
         shutdown.clone(),
     ));
+    // The operator's own namespace: its Lease and its webhook certificate live there.
+    let namespace = config
+        .lease_namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
     // Every replica serves the webhook: the API server calls whichever the Service picks.
     let webhook = if config.webhook {
-        let namespace = config
-            .lease_namespace
-            .clone()
-            .unwrap_or_else(|| client.default_namespace().to_owned());
         let location = compliance_profile::certs::Location {
-            namespace,
+            namespace: namespace.clone(),
             secret: config.webhook_secret.clone(),
             service: config.webhook_service.clone(),
             webhook_configuration: (config.webhook_certs == WebhookCerts::SelfManaged)
@@ -322,10 +323,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
     ));
 
     let result = if config.leader_elect {
-        let namespace = config
-            .lease_namespace
-            .clone()
-            .unwrap_or_else(|| client.default_namespace().to_owned());
         let timing = LeaseTiming {
             lease_duration: config.lease_duration,
             renew_deadline: config.renew_deadline,

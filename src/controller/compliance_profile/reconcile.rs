@@ -13,7 +13,7 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Resource, ResourceExt};
 
 use super::rules::{
-    COMPLIANT, ENFORCED_VIOLATION, NamespaceLabels, compliant_condition, evaluate, judge,
+    COMPLIANT, ENFORCED_VIOLATION, compliant_condition, evaluate, judge, namespace_labels,
 };
 use crate::api::{ComplianceProfile, EdgeDeployment, condition};
 use crate::controller::context::{Context, Notice};
@@ -63,7 +63,6 @@ impl Error {
             Error::WriteCondition { .. } => "write_condition",
             Error::Finalizer(e) => match &**e {
                 FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e) => e.kind(),
-                FinalizerError::AddFinalizer(_) | FinalizerError::RemoveFinalizer(_) => "finalizer",
                 _ => "finalizer",
             },
         }
@@ -105,7 +104,7 @@ pub async fn reconcile(
 
 async fn apply(profile: &ComplianceProfile, cc: &ComplianceContext) -> Result<Action, Error> {
     let ctx = &cc.ctx;
-    let namespaces = namespace_labels(cc);
+    let namespaces = namespace_labels(&cc.namespaces.state());
     let deployments = cc.deployments.state();
     let evaluation = evaluate(
         profile,
@@ -126,14 +125,6 @@ async fn apply(profile: &ComplianceProfile, cc: &ComplianceContext) -> Result<Ac
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-fn namespace_labels(cc: &ComplianceContext) -> NamespaceLabels {
-    cc.namespaces
-        .state()
-        .iter()
-        .map(|ns| (ns.name_any(), ns.labels().clone()))
-        .collect()
-}
-
 /// Brings every EdgeDeployment's Compliant condition up to date. The condition depends on
 /// every profile, so any profile's reconcile does it for all (writing only changes):
 /// `gone` is a profile being deleted, `fresh` the newest copy of the one reconciled.
@@ -143,7 +134,7 @@ async fn update_deployments(
     fresh: Option<&ComplianceProfile>,
 ) -> Result<(), Error> {
     let ctx = &cc.ctx;
-    let namespaces = namespace_labels(cc);
+    let namespaces = namespace_labels(&cc.namespaces.state());
     let cached = cc.profiles.state();
     let fresh_name = fresh.map(ResourceExt::name_any);
     let profiles: Vec<&ComplianceProfile> = cached

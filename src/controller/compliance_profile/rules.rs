@@ -4,11 +4,14 @@
 //! and both controllers ask these functions; docs/compliance.md is the same table for people.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Namespace;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::core::{Selector, SelectorExt};
+use kube::core::{PartialObjectMeta, Selector, SelectorExt};
 
 use crate::api::compliance_profile::{ComplianceRules, Enforcement, Regulation, Violation};
 use crate::api::condition::{self, Condition, ConditionStatus};
@@ -33,6 +36,14 @@ pub const MAX_VIOLATIONS: usize = 100;
 
 /// Labels of each namespace, by name.
 pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+/// The labels of cached namespaces (a reflector's `state()`), by name.
+pub fn namespace_labels(namespaces: &[Arc<PartialObjectMeta<Namespace>>]) -> NamespaceLabels {
+    namespaces
+        .iter()
+        .map(|ns| (ns.name_any(), ns.labels().clone()))
+        .collect()
+}
 
 /// What the reconciler should write and say.
 #[derive(Debug, PartialEq)]
@@ -223,10 +234,12 @@ pub fn strictest(a: &ComplianceRules, b: &ComplianceRules) -> ComplianceRules {
         (Some(true), _) | (_, Some(true)) => Some(true),
         (x, y) => x.or(y),
     };
-    let lower = |x: Option<f64>, y: Option<f64>| match (x, y) {
-        (Some(x), Some(y)) => Some(x.min(y)),
-        (x, y) => x.or(y),
-    };
+    fn lower<T: PartialOrd>(x: Option<T>, y: Option<T>) -> Option<T> {
+        match (x, y) {
+            (Some(x), Some(y)) => Some(if y < x { y } else { x }),
+            (x, y) => x.or(y),
+        }
+    }
     let allowed_regions = match (a.allowed_regions.is_empty(), b.allowed_regions.is_empty()) {
         (false, false) => {
             let common: Vec<String> = a
@@ -258,10 +271,7 @@ pub fn strictest(a: &ComplianceRules, b: &ComplianceRules) -> ComplianceRules {
             a.allowed_model_sources.clone()
         },
         audit_logging: either(a.audit_logging, b.audit_logging),
-        retention_days: match (a.retention_days, b.retention_days) {
-            (Some(x), Some(y)) => Some(x.min(y)),
-            (x, y) => x.or(y),
-        },
+        retention_days: lower(a.retention_days, b.retention_days),
         max_quality_loss: lower(a.max_quality_loss, b.max_quality_loss),
     }
 }

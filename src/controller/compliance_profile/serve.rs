@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -31,7 +31,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use super::certs::{self, Location};
-use super::rules::NamespaceLabels;
+use super::rules::namespace_labels;
 use super::webhook::review;
 use crate::api::ComplianceProfile;
 
@@ -161,12 +161,7 @@ fn error(status: StatusCode, message: String) -> Response {
 async fn validate(State(admission): State<Admission>, body: Bytes) -> Response {
     let profiles = admission.profiles.state();
     let profiles: Vec<&ComplianceProfile> = profiles.iter().map(AsRef::as_ref).collect();
-    let namespaces: NamespaceLabels = admission
-        .namespaces
-        .state()
-        .iter()
-        .map(|ns| (ns.name_any(), ns.labels().clone()))
-        .collect();
+    let namespaces = namespace_labels(&admission.namespaces.state());
     match review(&body, &profiles, &namespaces) {
         Ok(reviewed) => {
             if let Some(record) = &reviewed.audit {

@@ -91,20 +91,22 @@ fn decide(
     {
         meta["namespace"] = ns.clone().into();
     }
+    // The decoded EdgeDeployment is kept for the profiles' rules.
+    let mut decoded = None;
     let problems = match kind {
-        "EdgeDeployment" => check::<EdgeDeployment>(doc.clone(), |o| o.spec.validate()),
-        "ScalingPolicy" => check::<ScalingPolicy>(doc.clone(), |o| o.spec.validate()),
-        "ComplianceProfile" => check::<ComplianceProfile>(doc.clone(), |o| o.spec.validate()),
+        "EdgeDeployment" => check::<EdgeDeployment>(doc, |o| {
+            decoded = Some(o.clone());
+            o.spec.validate()
+        }),
+        "ScalingPolicy" => check::<ScalingPolicy>(doc, |o| o.spec.validate()),
+        "ComplianceProfile" => check::<ComplianceProfile>(doc, |o| o.spec.validate()),
         other => vec![format!("kind: {other} is not a Kasmina kind")],
     };
     if !problems.is_empty() {
         let message = format!("{what} is invalid: {}", problems.join("; "));
         return (deny(response, 422, "Invalid", message), None);
     }
-    if kind != "EdgeDeployment" {
-        return (response, None);
-    }
-    let Ok(ed) = serde_json::from_value::<EdgeDeployment>(doc) else {
+    let Some(ed) = decoded else {
         return (response, None);
     };
     let verdict = judge(profiles.iter().copied(), &ed, namespaces);
