@@ -271,6 +271,35 @@ mod tls {
         assert!(rotated.not_after <= rotated.ca_not_after);
     }
 
+    #[tokio::test]
+    async fn an_oversized_review_is_a_413_with_a_json_error() {
+        use http_body_util::BodyExt;
+        use kasmina::controller::compliance_profile::serve::MAX_BODY_BYTES;
+        use tower::ServiceExt;
+        let (profiles, mut writer) = reflector::store::<kasmina::api::ComplianceProfile>();
+        writer.apply_watcher_event(&Event::InitDone);
+        let (namespaces, mut ns_writer) = reflector::store();
+        ns_writer.apply_watcher_event(&Event::InitDone);
+        let request = axum::http::Request::post("/validate")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(vec![b' '; MAX_BODY_BYTES + 1]))
+            .unwrap();
+        let response = router(Admission {
+            profiles,
+            namespaces,
+        })
+        .oneshot(request)
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 413);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let error: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            error["error"],
+            format!("the request body is larger than {MAX_BODY_BYTES} bytes")
+        );
+    }
+
     async fn post(ca_bundle: &str, addr: std::net::SocketAddr, body: &[u8]) -> (u16, Value) {
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_bundle.as_bytes()) {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -34,6 +35,7 @@ use super::certs::{self, Location};
 use super::rules::namespace_labels;
 use super::webhook::review;
 use crate::api::ComplianceProfile;
+use crate::telemetry::json_error;
 
 /// Errors that stop the webhook server.
 #[derive(Debug, thiserror::Error)]
@@ -154,11 +156,23 @@ pub struct Admission {
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
 }
 
-fn error(status: StatusCode, message: String) -> Response {
-    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
-}
-
-async fn validate(State(admission): State<Admission>, body: Bytes) -> Response {
+async fn validate(
+    State(admission): State<Admission>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // A body over the limit, or unreadable, is a JSON error like every other one.
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let status = rejection.status();
+            let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                format!("the request body is larger than {MAX_BODY_BYTES} bytes")
+            } else {
+                rejection.body_text()
+            };
+            return json_error(status, &message);
+        }
+    };
     let profiles = admission.profiles.state();
     let profiles: Vec<&ComplianceProfile> = profiles.iter().map(AsRef::as_ref).collect();
     let namespaces = namespace_labels(&admission.namespaces.state());
@@ -169,15 +183,18 @@ async fn validate(State(admission): State<Admission>, body: Bytes) -> Response {
             }
             axum::Json(reviewed.review).into_response()
         }
-        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => json_error(StatusCode::BAD_REQUEST, &e.to_string()),
     }
 }
 
-/// `POST /validate`, bodies up to 3 MiB (the API server's own object limit plus envelope).
+/// The largest AdmissionReview accepted: the API server's own object limit plus envelope.
+pub const MAX_BODY_BYTES: usize = 3 << 20;
+
+/// `POST /validate`, bodies up to `MAX_BODY_BYTES`.
 pub fn router(admission: Admission) -> Router {
     Router::new()
         .route("/validate", post(validate))
-        .layer(axum::extract::DefaultBodyLimit::max(3 << 20))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(admission)
 }
 
