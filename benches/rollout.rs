@@ -99,6 +99,7 @@ fn simulate(bad_from: Option<i64>) -> Run {
             artifact_ready: true,
             candidate_ready: true,
             compliant: true,
+            refused: None,
             spec_paused: false,
             measurement,
             command: None,
@@ -181,6 +182,7 @@ fn main() {
                     artifact_ready: true,
                     candidate_ready: true,
                     compliant: true,
+                    refused: None,
                     spec_paused: false,
                     measurement: Some(m),
                     command: None,
@@ -225,7 +227,7 @@ fn full_plan_cost() {
                                       "analysis": {"checks": [{"metric": "errorRate", "max": 0.05}]}}},
             }))
             .unwrap();
-            let target = plan::revision(&ed.spec);
+            let target = plan::revision(&ed.spec, &Default::default());
             let artifact = ArtifactStatus {
                 digest: "sha256:x".into(),
                 ..ArtifactStatus::default()

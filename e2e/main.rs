@@ -313,7 +313,7 @@ async fn a_new_version_is_built_served_and_rolled_out() {
                  "replicas": 1, "strategy": {"type": "BlueGreen", "blueGreen": {"scaleDownDelaySeconds": 5}}},
     }))
     .unwrap();
-    let first = revision(&ed.spec);
+    let first = revision(&ed.spec, &Default::default());
     eds.patch(
         "minilm",
         &PatchParams::apply(MANAGER).force(),
@@ -368,7 +368,7 @@ async fn a_new_version_is_built_served_and_rolled_out() {
     }
 
     ed.spec.model.version = "2.0.0".into();
-    let second = revision(&ed.spec);
+    let second = revision(&ed.spec, &Default::default());
     eds.patch(
         "minilm",
         &PatchParams::apply(MANAGER).force(),

@@ -200,6 +200,14 @@ impl EncryptionKey {
         BASE64.encode(self.0)
     }
 
+    /// A short name for the key that reveals nothing of it: 16 hex digits of a
+    /// domain-separated SHA-256.
+    pub fn key_id(&self) -> String {
+        let mut input = b"kasmina encryption key id\0".to_vec();
+        input.extend_from_slice(&self.0);
+        sha256(&input)["sha256:".len()..][..16].to_owned()
+    }
+
     fn aead(&self) -> Result<LessSafeKey, Error> {
         UnboundKey::new(&AES_256_GCM, &self.0)
             .map(LessSafeKey::new)

@@ -355,11 +355,24 @@ fn run_service<E: std::error::Error>(
 }
 
 fn serve(options: runtime::Options) -> Result<ExitCode, String> {
-    run_service(async {
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
-        runtime::run(options, shutdown).await
-    })
+    let served = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?
+        .block_on(async {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
+            runtime::run(options, shutdown).await
+        });
+    match served {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // Its own exit code, which the controller reads from the pod to abort the rollout.
+        Err(e) if e.refuses_artifact() => {
+            eprintln!("error: {}", telemetry::error_chain(&e));
+            Ok(ExitCode::from(runtime::REFUSED_EXIT_CODE))
+        }
+        Err(e) => Err(telemetry::error_chain(&e)),
+    }
 }
 
 fn token(key: &std::path::Path, request: &runtime::auth::TokenRequest) -> Result<ExitCode, String> {

@@ -83,7 +83,8 @@ fn strings(v: &Value) -> Vec<String> {
 #[test]
 fn rbac_is_exactly_what_the_code_uses() {
     let Some(helm) = helm() else { return };
-    let docs = render(&helm, &[]);
+    // With one namespace for EdgeDeployments' keys, so that every permission is rendered.
+    let docs = render(&helm, &["--set", "keys.namespaces={ml}"]);
     let mut granted = BTreeSet::new();
     for role in of_kind(&docs, "ClusterRole")
         .into_iter()
@@ -136,18 +137,47 @@ fn rbac_is_exactly_what_the_code_uses() {
         "no cluster-wide Secrets access"
     );
     for role in of_kind(&docs, "Role") {
-        assert_eq!(role["metadata"]["namespace"], "kasmina-system");
+        let namespace = role["metadata"]["namespace"].as_str().unwrap();
         for rule in role["rules"].as_array().unwrap() {
-            if strings(&rule["resources"]).contains(&"secrets".to_owned()) {
-                let verbs = strings(&rule["verbs"]);
-                assert!(
+            if !strings(&rule["resources"]).contains(&"secrets".to_owned()) {
+                assert_eq!(namespace, "kasmina-system", "{role}");
+                continue;
+            }
+            let verbs = strings(&rule["verbs"]);
+            match namespace {
+                "kasmina-system" => assert!(
                     verbs == ["create"]
                         || strings(&rule["resourceNames"]) == ["kasmina-webhook-tls"],
                     "{rule}"
-                );
+                ),
+                // Keys of EdgeDeployments: only in the listed namespace, no list or delete.
+                "ml" => assert_eq!(verbs, ["get", "create", "patch"]),
+                other => panic!("Secrets access in namespace {other}"),
             }
         }
     }
+    let bindings: Vec<&str> = of_kind(&docs, "RoleBinding")
+        .iter()
+        .filter_map(|b| b["metadata"]["namespace"].as_str())
+        .collect();
+    assert!(bindings.contains(&"ml"), "{bindings:?}");
+    // Without the value, no Secrets access outside the release namespace; cluster-wide only
+    // when asked for.
+    let plain = render(&helm, &[]);
+    assert!(
+        of_kind(&plain, "Role")
+            .iter()
+            .all(|r| r["metadata"]["namespace"] == "kasmina-system")
+    );
+    let everywhere = render(&helm, &["--set", "keys.allNamespaces=true"]);
+    let keys = of_kind(&everywhere, "ClusterRole")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "kasmina-keys")
+        .unwrap();
+    assert_eq!(
+        strings(&keys["rules"][0]["verbs"]),
+        ["get", "create", "patch"]
+    );
     let vwc = of_kind(&docs, "ClusterRole")[0]["rules"]
         .as_array()
         .unwrap()

@@ -4,6 +4,8 @@
 //! weight change; failed analysis → rollback (scraping a real HTTP metrics endpoint); and a
 //! steady state that writes nothing.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -110,7 +112,16 @@ fn answer(
                 })
                 .map(|(_, o)| o.clone())
                 .collect();
-            if path.ends_with('s') && !store.objects.contains_key(path) {
+            let plural = path.rsplit('/').next().unwrap_or_default();
+            const LISTS: [&str; 6] = [
+                "jobs",
+                "deployments",
+                "services",
+                "pods",
+                "nodes",
+                "complianceprofiles",
+            ];
+            if LISTS.contains(&plural) {
                 return (
                     StatusCode::OK,
                     json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items}),
@@ -307,7 +318,7 @@ fn canary() -> Value {
 
 fn revision_of(ed: &Value) -> String {
     let ed: EdgeDeployment = serde_json::from_value(ed.clone()).unwrap();
-    plan::revision(&ed.spec)
+    plan::revision(&ed.spec, &Default::default())
 }
 
 /// Brings the first version to Healthy: build, serve, promote.
@@ -561,4 +572,246 @@ async fn a_promote_annotation_is_consumed() {
         cluster.get(&format!("{SERVICES}/sentiment"))["spec"]["selector"]["kasmina.dev/revision"],
         json!(candidate)
     );
+}
+
+const SECRET: &str = "/api/v1/namespaces/ml/secrets/sentiment-kasmina-keys";
+
+fn profile(rules: Value) -> Value {
+    json!({"apiVersion": "kasmina.dev/v1alpha1", "kind": "ComplianceProfile", "metadata": {"name": "hipaa"},
+           "spec": {"enforcement": "Warn", "rules": rules}})
+}
+
+/// The keys Secret's entries, decoded.
+fn secret_data(cluster: &Cluster) -> BTreeMap<String, String> {
+    use base64::Engine as _;
+    let secret = cluster.get(SECRET);
+    secret["data"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap())
+                .unwrap();
+            (k.clone(), String::from_utf8(bytes).unwrap())
+        })
+        .collect()
+}
+
+fn container_args(object: &Value) -> Vec<String> {
+    serde_json::from_value(object["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_profile_requiring_keys_gets_them_made_mounted_and_usable() {
+    let cluster = Cluster::new(NOW, 0);
+    cluster.put(
+        "/apis/kasmina.dev/v1alpha1/complianceprofiles/hipaa",
+        profile(
+            json!({"requireSignedArtifacts": true, "requireEncryptionAtRest": true,
+                       "requireAuthentication": true}),
+        ),
+    );
+    let ed = edge_deployment("1.0.0", json!({}));
+    let unkeyed = revision_of(&ed);
+    cluster.put(ED_PATH, ed);
+
+    // First reconcile: the keys Secret, owned by the EdgeDeployment, then the build Job.
+    let writes = cluster.reconcile().await;
+    assert!(
+        writes.contains(&format!("PATCH {SECRET}")),
+        "{writes:?} {:#}",
+        cluster.get(ED_PATH)["status"]
+    );
+    let secret = cluster.get(SECRET);
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "ed-uid");
+    let data = secret_data(&cluster);
+    let names: Vec<&str> = data.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "encryption.key",
+            "jwt.key",
+            "jwt.pub",
+            "signing.key",
+            "signing.pub"
+        ]
+    );
+
+    // The revision is named by the keys too: new keys would rebuild.
+    let rev = cluster.ed().status.unwrap().target_revision.unwrap();
+    assert_ne!(rev, unkeyed);
+    let job = cluster.get(&format!("{JOBS}/sentiment-build-{}", &rev[..8]));
+    let args = container_args(&job).join(" ");
+    assert!(
+        args.contains("--sign-key /var/run/kasmina/keys/signing.key --encrypt-key /var/run/kasmina/keys/encryption.key"),
+        "{args}"
+    );
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"][0]["secret"]["items"],
+        json!([{"key": "signing.key", "path": "signing.key"}, {"key": "encryption.key", "path": "encryption.key"}])
+    );
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+
+    // The artifact is built signed and encrypted: the runtime verifies, decrypts, and checks
+    // JWTs, mounting no private key.
+    cluster.finish_job(
+        &format!("sentiment-build-{}", &rev[..8]),
+        &summary("sha256:one")
+            .replace("\"signed\":false", "\"signed\":true")
+            .replace("\"encrypted\":false", "\"encrypted\":true"),
+    );
+    let writes = cluster.reconcile().await;
+    assert!(
+        !writes.contains(&format!("PATCH {SECRET}")),
+        "keys are made once: {writes:?}"
+    );
+    let deployment = cluster.get(&format!("{DEPLOYMENTS}/sentiment-{}", &rev[..8]));
+    let args = container_args(&deployment).join(" ");
+    assert!(
+        args.ends_with("--public-key /var/run/kasmina/keys/signing.pub --decrypt-key /var/run/kasmina/keys/encryption.key --jwt-key /var/run/kasmina/keys/jwt.pub --auth jwt"),
+        "{args}"
+    );
+    let items = &deployment["spec"]["template"]["spec"]["volumes"][0]["secret"]["items"];
+    assert!(!items.to_string().contains("signing.key") && !items.to_string().contains("jwt.key"));
+
+    // `kasmina token --key jwt.key` mints a token the runtime's jwt.pub accepts.
+    let scratch = tempdir("keys");
+    for (name, text) in &data {
+        std::fs::write(scratch.join(name), text).unwrap();
+    }
+    let token = kasmina::runtime::auth::issue(
+        &scratch.join("jwt.key"),
+        &kasmina::runtime::auth::TokenRequest {
+            audience: "minilm",
+            issuer: None,
+            subject: Some("ci"),
+            lifetime: std::time::Duration::from_secs(60),
+            key_id: None,
+        },
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let verifier =
+        kasmina::runtime::auth::Verifier::from_key_file(&scratch.join("jwt.pub"), "minilm", None)
+            .unwrap();
+    assert_eq!(verifier.verify(&token).unwrap().sub.as_deref(), Some("ci"));
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kasmina-ed-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The whole refusal path with real pieces: the controller makes the keys, a real build signs
+/// with them, the artifact is tampered with, the real runtime started with the candidate
+/// Deployment's own arguments refuses it, and the pod status it leaves aborts the rollout
+/// while the stable revision keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_candidate_is_refused_and_the_rollout_aborts_on_stable() {
+    let cluster = Cluster::new(NOW, 0);
+    let stable = serving(&cluster, canary()).await;
+    cluster.put(
+        "/apis/kasmina.dev/v1alpha1/complianceprofiles/hipaa",
+        profile(json!({"requireSignedArtifacts": true})),
+    );
+    new_version(&cluster, "2.0.0").await;
+    cluster.reconcile().await;
+    let candidate = cluster.ed().status.unwrap().target_revision.unwrap();
+    let job = format!("sentiment-build-{}", &candidate[..8]);
+    assert!(container_args(&cluster.get(&format!("{JOBS}/{job}"))).contains(&"--sign-key".into()));
+
+    // The build, as the Job runs it, with the key from the Secret.
+    let dir = tempdir("tamper");
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for (name, text) in secret_data(&cluster) {
+        std::fs::write(keys.join(name), text).unwrap();
+    }
+    let source = dir.join("scorer.safetensors");
+    let out = dir.join("artifact");
+    common::tiny_mlp(&source, &[16, 32, 4], 5);
+    let mut options = common::options(
+        &source,
+        kasmina::api::edge_deployment::Architecture::Mlp,
+        &out,
+    );
+    options.sign_key = Some(keys.join("signing.key"));
+    options.termination_log = Some(dir.join("termination-log"));
+    kasmina::artifact::build(&options).await.unwrap();
+    let summary = std::fs::read_to_string(dir.join("termination-log")).unwrap();
+    assert!(summary.contains("\"signed\":true"), "{summary}");
+    cluster.finish_job(&job, &summary);
+    cluster.rounds(2).await;
+    let c = format!("{DEPLOYMENTS}/sentiment-{}", &candidate[..8]);
+    let args = container_args(&cluster.get(&c));
+    assert!(args.contains(&"--public-key".into()), "{args:?}");
+
+    // One flipped byte in the stored GGUF, then the pod's own command.
+    let gguf = out.join("model.gguf");
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&gguf, &bytes).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|a| a.replace("/var/run/kasmina/keys", &keys.display().to_string()))
+        .map(|a| if a == "8080" { port.to_string() } else { a })
+        .collect();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kasmina"))
+        .args(&args)
+        .args(["--host", "127.0.0.1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(i32::from(kasmina::runtime::REFUSED_EXIT_CODE)),
+        "{stderr}"
+    );
+
+    // The kubelet reports it: the crashed container's last state, its log as the message.
+    cluster.put(
+        "/api/v1/namespaces/ml/pods/candidate-pod",
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "candidate-pod", "namespace": "ml", "labels": {NAME_LABEL: "sentiment", "kasmina.dev/revision": candidate}},
+               "status": {"containerStatuses": [{"name": "runtime", "image": "kasmina", "imageID": "", "ready": false, "restartCount": 1,
+                          "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                          "lastState": {"terminated": {"exitCode": output.status.code().unwrap(), "message": stderr}}}]}}),
+    );
+    let writes = cluster.reconcile().await;
+    assert!(writes.contains(&format!("DELETE {c}")), "{writes:?}");
+    assert_eq!(
+        cluster.get(&format!("{DEPLOYMENTS}/sentiment-{}", &stable[..8]))["spec"]["replicas"],
+        3,
+        "stable keeps serving at full size"
+    );
+    let status = cluster.ed().status.unwrap();
+    assert_eq!(
+        status.phase,
+        Some(kasmina::api::edge_deployment::Phase::RolledBack)
+    );
+    assert_eq!(status.stable_revision.as_deref(), Some(stable.as_str()));
+    let record = &status.history[0];
+    assert_eq!(
+        record.outcome,
+        kasmina::api::edge_deployment::RolloutOutcome::Aborted
+    );
+    assert!(
+        record.reason.contains("refused the artifact")
+            && record.reason.contains("model.gguf has digest"),
+        "{}",
+        record.reason
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -859,7 +859,8 @@ async fn a_tampered_or_unexpected_artifact_refuses_to_start() {
 
     let wrong_digest = format!("sha256:{}", "0".repeat(64));
     let (status, stderr) = serve(&["--expect-digest", &wrong_digest]);
-    assert!(!status.success());
+    // Refusals have their own exit code: the controller aborts the rollout on it.
+    assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("manifest digest is"), "{stderr}");
     assert!(!stderr.contains("serving"), "{stderr}");
 
@@ -869,7 +870,7 @@ async fn a_tampered_or_unexpected_artifact_refuses_to_start() {
         "--public-key",
         &wrong_public,
     ]);
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("signature"), "{stderr}");
 
     // One flipped byte in the GGUF.
@@ -879,7 +880,7 @@ async fn a_tampered_or_unexpected_artifact_refuses_to_start() {
     bytes[i] ^= 1;
     std::fs::write(&gguf, &bytes).unwrap();
     let (status, stderr) = serve(&["--expect-digest", &built.digest, "--public-key", &public]);
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("model.gguf has digest"), "{stderr}");
     assert!(!stderr.contains("serving"), "{stderr}");
 
@@ -901,7 +902,7 @@ async fn a_tampered_or_unexpected_artifact_refuses_to_start() {
         "--decrypt-key",
         &scratch.path("k.aes").display().to_string(),
     ]);
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("not encrypted"), "{stderr}");
 }
 

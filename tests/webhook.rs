@@ -3,7 +3,7 @@
 
 use kasmina::api::ComplianceProfile;
 use kasmina::controller::compliance_profile::rules::NamespaceLabels;
-use kasmina::controller::compliance_profile::webhook::{Error, review};
+use kasmina::controller::compliance_profile::webhook::{Error, audit_event, review};
 use serde_json::{Value, json};
 
 fn edge_deployment(uri: &str) -> Value {
@@ -51,7 +51,10 @@ fn answer(body: &[u8], profiles: &[&ComplianceProfile]) -> (Value, Option<String
         json["response"]["uid"],
         "705ab4f5-6393-11e8-b7cc-42010a800002"
     );
-    (json["response"].clone(), reviewed.audit.map(|a| a.line()))
+    (
+        json["response"].clone(),
+        reviewed.audit.map(|(a, _)| a.line()),
+    )
 }
 
 const APPROVED: &str = "s3://approved-models/minilm/2.1.0/";
@@ -132,9 +135,41 @@ fn audit_only_records_and_audit_logging_writes_who_and_what() {
     let record: Value = serde_json::from_str(&line.unwrap()).unwrap();
     assert_eq!(record["action"], "admission");
     assert_eq!(record["who"], "alice@example.com");
-    assert_eq!(record["what"], "CREATE EDGEDEPLOYMENT ML/SENTIMENT");
+    assert_eq!(record["what"], "CREATE EdgeDeployment ml/sentiment");
     assert_eq!(record["decision"], "allowed");
     assert_eq!(record["profiles"], json!(["sources"]));
+
+    // And an Event on the object, a Warning when it was denied.
+    let enforce = profile(
+        "sources",
+        "Enforce",
+        json!({"allowedModelSources": ["s3://approved-models/*"], "auditLogging": true}),
+    );
+    let body = admission("CREATE", edge_deployment(ROGUE));
+    let reviewed = review(&body, &[&enforce], &NamespaceLabels::new()).unwrap();
+    let (record, regarding) = reviewed.audit.unwrap();
+    assert_eq!(
+        (
+            regarding.kind.as_deref(),
+            regarding.namespace.as_deref(),
+            regarding.name.as_deref()
+        ),
+        (Some("EdgeDeployment"), Some("ml"), Some("sentiment"))
+    );
+    assert_eq!(
+        regarding.api_version.as_deref(),
+        Some("kasmina.dev/v1alpha1")
+    );
+    let event = audit_event(&record);
+    assert!(event.warning);
+    assert_eq!(event.reason, "AdmissionDenied");
+    assert!(
+        event.message.starts_with(
+            "alice@example.com: CREATE EdgeDeployment ml/sentiment denied: spec.model.source.uri"
+        ),
+        "{}",
+        event.message
+    );
 }
 
 #[test]
@@ -287,6 +322,7 @@ mod tls {
         let response = router(Admission {
             profiles,
             namespaces,
+            events: None,
         })
         .oneshot(request)
         .await
@@ -359,6 +395,7 @@ mod tls {
                 router(Admission {
                     profiles,
                     namespaces,
+                    events: None,
                 }),
             )
             .await

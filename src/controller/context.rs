@@ -202,6 +202,21 @@ impl Notice {
         }
     }
 
+    /// The Event it is published as.
+    pub fn event(&self) -> Event {
+        Event {
+            type_: if self.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: self.reason.clone(),
+            note: Some(truncate(&self.message, 1024)),
+            action: self.action.into(),
+            secondary: None,
+        }
+    }
+
     pub fn warning(reason: &str, action: &'static str, message: impl Into<String>) -> Self {
         Self {
             warning: true,
@@ -218,6 +233,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
+    /// `kasmina (<pod>)`: who the operator's own decisions are by, in audit records.
+    pub instance: String,
 }
 
 impl Context {
@@ -227,11 +244,16 @@ impl Context {
         clock: Arc<dyn Clock>,
         instance: Option<String>,
     ) -> Self {
+        let name = match &instance {
+            Some(i) => format!("kasmina ({i})"),
+            None => "kasmina".into(),
+        };
         let reporter = Reporter {
             controller: "kasmina".into(),
             instance,
         };
         Self {
+            instance: name,
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
@@ -243,18 +265,7 @@ impl Context {
     /// logged, never fails the reconcile.
     pub async fn publish(&self, regarding: &ObjectReference, notices: &[Notice]) {
         for notice in notices {
-            let event = Event {
-                type_: if notice.warning {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason: notice.reason.clone(),
-                note: Some(truncate(&notice.message, 1024)),
-                action: notice.action.into(),
-                secondary: None,
-            };
-            if let Err(error) = self.recorder.publish(&event, regarding).await {
+            if let Err(error) = self.recorder.publish(&notice.event(), regarding).await {
                 tracing::warn!(%error, reason = %notice.reason, "could not publish event");
             }
         }

@@ -206,8 +206,10 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
         "validatingwebhookconfigurations",
         &["get", "patch"],
     ),
-    // The webhook's certificate Secret, in the operator's namespace only (a Role).
-    ("", "secrets", &["get", "create", "update"]),
+    // Secrets only through Roles: the webhook's certificate in the operator's namespace (get,
+    // create, update), and EdgeDeployments' keys in the namespaces the chart's `keys` value
+    // lists (get, create, patch).
+    ("", "secrets", &["get", "create", "update", "patch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
     // Namespaced to the operator's own namespace (a Role, not a ClusterRole).
     (

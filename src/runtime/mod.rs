@@ -49,7 +49,27 @@ pub enum Error {
     DrainTimeout(Duration),
 }
 
+/// The exit code of a runtime that refused its artifact (digest, signature or decryption did
+/// not check out). Waiting will not fix that, so the controller aborts the rollout on it.
+pub const REFUSED_EXIT_CODE: u8 = 3;
+
 impl Error {
+    /// Whether the artifact itself was refused, as opposed to failing to fetch or load it.
+    pub fn refuses_artifact(&self) -> bool {
+        use crate::crypto::Error as Crypto;
+        match self {
+            Error::Artifact(crate::artifact::Error::Verify(_)) => true,
+            Error::Artifact(crate::artifact::Error::Key(e)) | Error::Crypto(e) => matches!(
+                e,
+                Crypto::BadSignature
+                    | Crypto::BadHeader
+                    | Crypto::Decrypt(_)
+                    | Crypto::Truncated(_)
+            ),
+            _ => false,
+        }
+    }
+
     /// A short label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -21,6 +21,29 @@ use super::context::Context;
 use crate::api::{ComplianceProfile, EdgeDeployment};
 use reconcile::ComplianceContext;
 
+/// How the ComplianceProfiles selecting `ed` judge it, read from the API server: the
+/// strictest rules the workload carries out and the profiles' names. The namespace's labels
+/// are read only when a profile selects by them.
+pub async fn verdict_for(
+    client: &kube::Client,
+    ed: &EdgeDeployment,
+    ns: &str,
+) -> Result<rules::Verdict, kube::Error> {
+    let profiles = Api::<ComplianceProfile>::all(client.clone())
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items;
+    let mut namespaces = rules::NamespaceLabels::new();
+    if profiles.iter().any(|p| p.spec.namespace_selector.is_some())
+        && let Some(meta) = Api::<Namespace>::all(client.clone())
+            .get_metadata_opt(ns)
+            .await?
+    {
+        namespaces.insert(ns.to_owned(), meta.metadata.labels.unwrap_or_default());
+    }
+    Ok(rules::judge(&profiles, ed, &namespaces))
+}
+
 /// Runs the controller until `shutdown` resolves, letting running reconciles finish.
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();

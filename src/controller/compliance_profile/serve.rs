@@ -16,6 +16,7 @@ use axum::routing::post;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::certs::{self, Location};
 use super::rules::namespace_labels;
-use super::webhook::review;
+use super::webhook::{audit_event, review};
 use crate::api::ComplianceProfile;
 use crate::telemetry::json_error;
 
@@ -154,6 +155,8 @@ impl axum::serve::Listener for TlsListener {
 pub struct Admission {
     pub profiles: Store<ComplianceProfile>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// Publishes the Events of audited decisions (None: records are logged only).
+    pub events: Option<Recorder>,
 }
 
 async fn validate(
@@ -178,8 +181,18 @@ async fn validate(
     let namespaces = namespace_labels(&admission.namespaces.state());
     match review(&body, &profiles, &namespaces) {
         Ok(reviewed) => {
-            if let Some(record) = &reviewed.audit {
+            if let Some((record, regarding)) = &reviewed.audit {
                 record.emit();
+                if let Some(recorder) = admission.events.clone() {
+                    // Off the request path: the API server is waiting for the answer.
+                    let event = audit_event(record).event();
+                    let regarding = regarding.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = recorder.publish(&event, &regarding).await {
+                            tracing::warn!(%error, "could not publish the admission Event");
+                        }
+                    });
+                }
             }
             axum::Json(reviewed.review).into_response()
         }
@@ -242,6 +255,13 @@ pub async fn run(
         .await
         .map_err(|e| Error::Certificate(crate::telemetry::error_chain(&e)))?;
     certificate.load(&cert, &key)?;
+    let events = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "kasmina-webhook".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
     let refresh = {
         let certificate = certificate.clone();
         let stop = shutdown.clone();
@@ -284,6 +304,7 @@ pub async fn run(
         router(Admission {
             profiles,
             namespaces,
+            events: Some(events),
         }),
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -2,6 +2,7 @@
 //! three kinds) and the ComplianceProfiles' rules for EdgeDeployments. `review` is pure; the
 //! server around it (TLS, certificates) is in `serve`.
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::core::{DynamicObject, Status};
 
@@ -9,6 +10,7 @@ use super::rules::{NamespaceLabels, judge};
 use crate::api::compliance_profile::Enforcement;
 use crate::api::{ComplianceProfile, EdgeDeployment, ScalingPolicy};
 use crate::controller::audit::AuditRecord;
+use crate::controller::context::Notice;
 use crate::manifests::check;
 
 /// A body that is not an AdmissionReview with a request: answered with HTTP 400.
@@ -20,11 +22,38 @@ pub enum Error {
     NoRequest,
 }
 
-/// The answer to one review, and the audit record when a profile asks for one.
+/// The answer to one review, and the audit record when a profile asks for one (with the
+/// object its Event is about).
 #[derive(Clone, Debug)]
 pub struct Reviewed {
     pub review: AdmissionReview<DynamicObject>,
-    pub audit: Option<AuditRecord>,
+    pub audit: Option<(AuditRecord, ObjectReference)>,
+}
+
+/// The Event of an audited admission decision (a Warning unless it was allowed).
+pub fn audit_event(record: &AuditRecord) -> Notice {
+    let mut message = format!("{}: {} {}", record.who, record.what, record.decision);
+    if !record.reasons.is_empty() {
+        message = format!("{message}: {}", record.reasons.join("; "));
+    }
+    match record.decision {
+        "denied" => Notice::warning("AdmissionDenied", "Admission", message),
+        "warned" => Notice::warning("AdmissionWarned", "Admission", message),
+        _ => Notice::normal("AdmissionAllowed", "Admission", message),
+    }
+}
+
+/// The object under review, for its Event (an object being created has no uid yet).
+fn regarding(request: &AdmissionRequest<DynamicObject>) -> ObjectReference {
+    let kind = &request.kind;
+    ObjectReference {
+        api_version: Some(format!("{}/{}", kind.group, kind.version)),
+        kind: Some(kind.kind.clone()),
+        name: Some(request.name.clone()),
+        namespace: request.namespace.clone(),
+        uid: request.object.as_ref().and_then(|o| o.metadata.uid.clone()),
+        ..ObjectReference::default()
+    }
 }
 
 /// Reviews one AdmissionReview body against the cached profiles and namespace labels.
@@ -40,7 +69,7 @@ pub fn review(
     let (response, audit) = decide(&request, profiles, namespaces);
     Ok(Reviewed {
         review: response.into_review(),
-        audit,
+        audit: audit.map(|record| (record, regarding(&request))),
     })
 }
 
@@ -135,7 +164,11 @@ fn decide(
     let audit = (verdict.rules.audit_logging == Some(true)).then(|| AuditRecord {
         action: "admission",
         who: request.user_info.username.clone().unwrap_or_default(),
-        what: format!("{:?} {what}", request.operation).to_uppercase(),
+        on_behalf_of: None,
+        what: format!(
+            "{} {what}",
+            format!("{:?}", request.operation).to_uppercase()
+        ),
         decision,
         reasons: enforced.into_iter().chain(warned).chain(audited).collect(),
         profiles: verdict.profiles.clone(),

@@ -5,6 +5,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod rollout;
 pub mod scrape;
+pub mod security;
 pub mod traffic;
 pub mod workload;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::analysis;
 use super::rollout::{self, Command, Measurement, Outcome, Seconds, State, Strategy};
+use super::security::{self, Security};
 use super::traffic;
 use super::workload::{self, REVISION_LABEL, Settings};
 use crate::api::condition::{self, Condition, ConditionStatus};
@@ -25,6 +26,7 @@ use crate::api::edge_deployment::{
 };
 use crate::controller::context::Notice;
 use crate::controller::status::condition as cond;
+use crate::runtime::REFUSED_EXIT_CODE;
 
 pub use super::workload::NAME_LABEL;
 
@@ -48,11 +50,16 @@ pub const COMMANDS: [(&str, Command); 5] = [
 ];
 
 /// The revision a spec asks for: a stable hash of what changes the artifact or the pods
-/// (model, optimization, template). Replicas, strategy and pause do not start a new revision.
-pub fn revision(spec: &EdgeDeploymentSpec) -> String {
+/// (model, optimization, template, and the keys a signed or encrypted artifact is made with).
+/// Replicas, strategy and pause do not start a new revision.
+pub fn revision(spec: &EdgeDeploymentSpec, security: &Security) -> String {
     // Field order of these structs is fixed and maps are BTreeMaps, so the JSON is canonical.
-    let canonical =
+    let mut canonical =
         serde_json::to_vec(&(&spec.model, &spec.optimization, &spec.template)).unwrap_or_default();
+    // Appended only when present, so revisions without keys keep their names across upgrades.
+    if let Some(identity) = security::artifact_identity(security.needs, security.keys.as_ref()) {
+        canonical.extend(serde_json::to_vec(&identity).unwrap_or_default());
+    }
     format!("{:016x}", fnv1a64(&canonical))
 }
 
@@ -83,6 +90,12 @@ pub struct Observed {
     pub route: Option<Value>,
     /// Regions the ComplianceProfiles selecting it allow (empty: no pin).
     pub allowed_regions: Vec<String>,
+    /// What the profiles ask of artifacts and runtime, and the keys Secret.
+    pub security: Security,
+    /// Why the keys the profiles call for could not be read or made.
+    pub keys_error: Option<String>,
+    /// Why the candidate's runtime refused its artifact, if one of its pods did.
+    pub candidate_refused: Option<String>,
 }
 
 /// What the reconciler should apply, delete, write and say.
@@ -159,28 +172,32 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
         ..Plan::default()
     };
 
-    if let Err(errors) = ed.spec.validate() {
-        // Nothing is touched: what runs keeps running until the spec is fixed.
+    // Nothing is touched while the spec is invalid or the keys are missing: what runs keeps
+    // running until that is fixed.
+    let halt = match (ed.spec.validate(), &seen.keys_error) {
+        (Err(errors), _) => Some(("InvalidSpec", "Validate", format!("invalid spec: {errors}"))),
+        (Ok(()), Some(error)) => Some(("KeysUnavailable", "Keys", error.clone())),
+        (Ok(()), None) => None,
+    };
+    if let Some((reason, action, message)) = halt {
         status.phase = Some(Phase::Failed);
-        let message = format!("invalid spec: {errors}");
         let ready = cond(
             READY,
             ConditionStatus::False,
-            "InvalidSpec",
+            reason,
             &message,
             generation,
             now,
         );
         if condition::upsert(&mut status.conditions, ready) {
-            plan.notices
-                .push(Notice::warning("InvalidSpec", "Validate", &message));
+            plan.notices.push(Notice::warning(reason, action, &message));
         }
         condition::upsert(
             &mut status.conditions,
             cond(
                 PROGRESSING,
                 ConditionStatus::False,
-                "InvalidSpec",
+                reason,
                 message,
                 generation,
                 now,
@@ -189,10 +206,14 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
         status.replicas.get_or_insert(0);
         status.ready_replicas.get_or_insert(0);
         plan.status = status;
+        if seen.keys_error.is_some() {
+            // Access to the Secret may be granted any time; a spec change wakes it anyway.
+            plan.requeue = Duration::from_secs(60);
+        }
         return plan;
     }
 
-    let target = revision(&ed.spec);
+    let target = revision(&ed.spec, &seen.security);
     if current.target_revision.as_deref() != Some(target.as_str()) {
         plan.notices.push(Notice::normal(
             "NewRevision",
@@ -238,7 +259,7 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
             status.artifact = Some(artifact.clone());
         }
         Build::Start(profile) => {
-            let job = workload::build_job(settings, ed, &target, profile.as_ref());
+            let job = workload::build_job(settings, ed, &target, profile.as_ref(), &seen.security);
             plan.notices.push(Notice::normal(
                 "BuildStarted",
                 "Build",
@@ -276,6 +297,7 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
         artifact_ready,
         candidate_ready,
         compliant,
+        refused: seen.candidate_refused.clone(),
         spec_paused: ed.spec.paused,
         measurement,
         command: fresh_command,
@@ -301,6 +323,7 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
             &record.artifact,
             replicas_for(ed, &next, rev),
             &seen.allowed_regions,
+            &seen.security,
         );
         let name = desired.name_any();
         if !seen
@@ -683,6 +706,29 @@ fn build_state(
         return Build::Failed(message.trim().to_owned());
     }
     Build::Running
+}
+
+/// Why a revision's runtime refused its artifact: a container that exited with the runtime's
+/// refusal code, with its termination message (the runtime's last log line). None when no pod
+/// did — a crash for another reason may heal and is left to the Deployment's restarts.
+pub fn refusal(pods: &[Pod]) -> Option<String> {
+    pods.iter().find_map(|pod| {
+        let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+        statuses.iter().find_map(|c| {
+            let refused = [c.state.as_ref(), c.last_state.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.terminated.as_ref())
+                .find(|t| t.exit_code == i32::from(REFUSED_EXIT_CODE))?;
+            let message = refused
+                .message
+                .as_deref()
+                .and_then(|m| m.trim().lines().last())
+                .map(|m| m.trim().trim_start_matches("error: ").to_owned())
+                .unwrap_or_else(|| format!("exit code {REFUSED_EXIT_CODE}"));
+            Some(format!("pod {}: {message}", pod.name_any()))
+        })
+    })
 }
 
 /// The builder's termination message (its JSON summary) as the artifact status.
@@ -1281,7 +1327,10 @@ pub(crate) mod tests {
         assert_eq!(plan.jobs.len(), 1);
         assert_eq!(
             plan.jobs[0].name_any(),
-            format!("sentiment-build-{}", &revision(&w.ed.spec)[..8])
+            format!(
+                "sentiment-build-{}",
+                &revision(&w.ed.spec, &w.seen.security)[..8]
+            )
         );
         assert_eq!(w.status().phase, Some(Phase::Building));
         assert_eq!(w.cond(ARTIFACT_READY).1, "Building");
@@ -1300,7 +1349,7 @@ pub(crate) mod tests {
         w.reconcile();
         w.finish_build(true, SUMMARY);
         let plan = w.reconcile();
-        let rev = revision(&w.ed.spec);
+        let rev = revision(&w.ed.spec, &w.seen.security);
         assert_eq!(w.status().artifact.as_ref().unwrap().digest, "sha256:d1");
         assert_eq!(w.status().revisions[0].name, rev);
         assert_eq!(w.cond(ARTIFACT_READY).0, ConditionStatus::True);
@@ -1364,12 +1413,12 @@ pub(crate) mod tests {
     #[test]
     fn an_artifact_built_before_is_reused() {
         let mut w = World::serving(sample());
-        let first = revision(&w.ed.spec);
+        let first = revision(&w.ed.spec, &w.seen.security);
         w.build_version("2.2.0");
         w.converge();
         // Back to the first version (a git revert): no build, the recorded artifact is used.
         new_version(&mut w, "2.1.0");
-        assert_eq!(revision(&w.ed.spec), first);
+        assert_eq!(revision(&w.ed.spec, &w.seen.security), first);
         let plan = w.reconcile();
         assert!(plan.jobs.is_empty());
         assert_eq!(w.status().artifact.as_ref().unwrap().digest, "sha256:d1");
@@ -1380,9 +1429,9 @@ pub(crate) mod tests {
         let mut ed = sample();
         canary_spec(&mut ed);
         let mut w = World::serving(ed);
-        let stable = revision(&w.ed.spec);
+        let stable = revision(&w.ed.spec, &w.seen.security);
         w.build_version("2.2.0");
-        let candidate = revision(&w.ed.spec);
+        let candidate = revision(&w.ed.spec, &w.seen.security);
         w.converge();
         // setWeight 20 with 3 replicas: one canary pod, two stable.
         let s = w.status();
@@ -1433,7 +1482,7 @@ pub(crate) mod tests {
         let mut ed = sample();
         canary_spec(&mut ed);
         let mut w = World::serving(ed);
-        let stable = revision(&w.ed.spec);
+        let stable = revision(&w.ed.spec, &w.seen.security);
         w.build_version("2.2.0");
         w.converge();
         w.annotate("kasmina.dev/promote", "t1");
@@ -1472,7 +1521,7 @@ pub(crate) mod tests {
     #[test]
     fn a_non_compliant_candidate_is_never_promoted() {
         let mut w = World::serving(sample());
-        let stable = revision(&w.ed.spec);
+        let stable = revision(&w.ed.spec, &w.seen.security);
         w.build_version("2.2.0");
         let status = w.ed.status.as_mut().unwrap();
         status.conditions.push(cond(
@@ -1521,9 +1570,9 @@ pub(crate) mod tests {
             "type": "BlueGreen", "blueGreen": {"autoPromote": false, "scaleDownDelaySeconds": 60}}))
         .unwrap();
         let mut w = World::serving(ed);
-        let blue = revision(&w.ed.spec);
+        let blue = revision(&w.ed.spec, &w.seen.security);
         w.build_version("2.2.0");
-        let green = revision(&w.ed.spec);
+        let green = revision(&w.ed.spec, &w.seen.security);
         w.converge();
         let sel = |w: &World, n: &str| w.selector(n)[REVISION_LABEL].clone();
         assert_eq!(sel(&w, "sentiment"), blue);
@@ -1675,10 +1724,16 @@ pub(crate) mod tests {
         let mut b = sample();
         b.spec.replicas = 10;
         b.spec.strategy.type_ = StrategyType::BlueGreen;
-        assert_eq!(revision(&a.spec), revision(&b.spec));
-        assert_eq!(revision(&a.spec).len(), 16);
+        assert_eq!(
+            revision(&a.spec, &Security::default()),
+            revision(&b.spec, &Security::default())
+        );
+        assert_eq!(revision(&a.spec, &Security::default()).len(), 16);
         b.spec.model.version = "2.2.0".into();
-        assert_ne!(revision(&a.spec), revision(&b.spec));
+        assert_ne!(
+            revision(&a.spec, &Security::default()),
+            revision(&b.spec, &Security::default())
+        );
     }
 
     #[test]

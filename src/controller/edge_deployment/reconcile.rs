@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
 };
@@ -18,11 +18,12 @@ use serde::de::DeserializeOwned;
 use super::analysis;
 use super::plan::{self, Observed, own_status};
 use super::scrape;
+use super::security::{self, Keys, Needs};
 use super::workload::{self, NAME_LABEL, REVISION_LABEL, Settings};
-use crate::api::{ComplianceProfile, EdgeDeployment};
-use crate::controller::compliance_profile::rules::{NamespaceLabels, judge};
-use crate::controller::context::{Context, FIELD_MANAGER};
+use crate::api::EdgeDeployment;
+use crate::controller::context::{Context, FIELD_MANAGER, Notice};
 use crate::controller::status::apply_status;
+use crate::controller::{audit, compliance_profile};
 
 pub const CONTROLLER: &str = "edgedeployment";
 
@@ -162,35 +163,78 @@ async fn build_message(pods: &Api<Pod>, job: &str, ns: &str) -> Result<Option<St
     Ok(messages.pop().map(|(_, m)| m))
 }
 
-/// The regions the ComplianceProfiles selecting `ed` allow, strictest combined (empty: none
-/// pins it). The namespace's labels are read only when a profile selects by them.
-async fn allowed_regions(
+/// The runtime pods of one revision.
+async fn revision_pods(
+    pods: &Api<Pod>,
+    name: &str,
+    rev: &str,
+    ns: &str,
+) -> Result<Vec<Pod>, Error> {
+    let selector = format!("{NAME_LABEL}={name},{REVISION_LABEL}={rev}");
+    Ok(pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(api_error("list", format!("pods of revision {rev}"), ns))?
+        .items)
+}
+
+/// Reads the keys Secret of `ed` and makes the keys `needs` calls for that it lacks. A failure
+/// is reported in status (with the remedy) rather than failing the reconcile: it needs a
+/// person, not a retry. Returns the keys and what was made.
+async fn keys(
     client: &kube::Client,
     ed: &EdgeDeployment,
     ns: &str,
-) -> Result<Vec<String>, Error> {
-    let profiles = Api::<ComplianceProfile>::all(client.clone())
-        .list(&ListParams::default())
+    needs: Needs,
+) -> Result<(Option<Keys>, Vec<String>), String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let name = security::secret_name(ed);
+    let denied = |verb: &str, e: kube::Error| {
+        let hint = match &e {
+            kube::Error::Api(s) if s.code == 403 => format!(
+                "; the operator needs Secret access in namespace {ns} (Helm value keys.namespaces)"
+            ),
+            _ => String::new(),
+        };
+        format!("{verb} Secret {ns}/{name}: {e}{hint}")
+    };
+    let live = secrets
+        .get_opt(&name)
         .await
-        .map_err(api_error("list", "complianceprofiles", ns))?
-        .items;
-    if profiles
-        .iter()
-        .all(|p| p.spec.rules.allowed_regions.is_empty())
-    {
-        return Ok(vec![]);
-    }
-    let mut namespaces = NamespaceLabels::new();
-    if profiles.iter().any(|p| p.spec.namespace_selector.is_some()) {
-        let meta = Api::<Namespace>::all(client.clone())
-            .get_metadata_opt(ns)
-            .await
-            .map_err(api_error("get", "namespace", ns))?;
-        if let Some(meta) = meta {
-            namespaces.insert(ns.to_owned(), meta.labels().clone());
+        .map_err(|e| denied("reading", e))?;
+    let data = live
+        .as_ref()
+        .and_then(|s| s.data.clone())
+        .unwrap_or_default();
+    let mut made = vec![];
+    let data = match security::complete(&name, &data, needs).map_err(|e| e.to_string())? {
+        Some(completed) => {
+            made = completed
+                .keys()
+                .filter(|k| !data.contains_key(*k))
+                .cloned()
+                .collect();
+            let owned = live.as_ref().is_none_or(|s| {
+                s.owner_references()
+                    .iter()
+                    .any(|o| ed.uid().as_ref() == Some(&o.uid))
+            });
+            let secret = security::key_secret(ed, completed.clone(), owned);
+            secrets
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&secret),
+                )
+                .await
+                .map_err(|e| denied("writing", e))?;
+            completed
         }
-    }
-    Ok(judge(&profiles, ed, &namespaces).rules.allowed_regions)
+        None if live.is_none() => return Ok((None, made)),
+        None => data,
+    };
+    let keys = Keys::read(&name, &data).map_err(|e| e.to_string())?;
+    Ok((Some(keys), made))
 }
 
 fn route_resource() -> ApiResource {
@@ -222,11 +266,41 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
         deployments: children(&deployments, &ed, &ns).await?,
         services: children(&services, &ed, &ns).await?,
         jobs: children(&jobs, &ed, &ns).await?,
-        allowed_regions: allowed_regions(&client, &ed, &ns).await?,
         ..Observed::default()
     };
+    let verdict = compliance_profile::verdict_for(&client, &ed, &ns)
+        .await
+        .map_err(api_error("list", "complianceprofiles", &ns))?;
+    let rules = &verdict.rules;
+    seen.allowed_regions = rules.allowed_regions.clone();
+    seen.security.needs = Needs::from_rules(rules);
+    // Keys are read when the rules call for them, or to serve a revision built with them.
+    let built_with_keys = status
+        .revisions
+        .iter()
+        .any(|r| r.artifact.signed || r.artifact.encrypted);
+    if seen.security.needs.any() || built_with_keys {
+        match keys(&client, &ed, &ns, seen.security.needs).await {
+            Ok((found, made)) => {
+                seen.security.keys = found;
+                if !made.is_empty() {
+                    let note = Notice::normal(
+                        "KeysCreated",
+                        "Keys",
+                        format!(
+                            "Secret {}: made {}",
+                            security::secret_name(&ed),
+                            made.join(", ")
+                        ),
+                    );
+                    base.publish(&ed.object_ref(&()), &[note]).await;
+                }
+            }
+            Err(error) => seen.keys_error = Some(error),
+        }
+    }
     if ed.spec.validate().is_ok() {
-        let target = plan::revision(&ed.spec);
+        let target = plan::revision(&ed.spec, &seen.security);
         if !status.revisions.iter().any(|r| r.name == target) {
             let job_name = workload::job_name(&ed, &target);
             match seen.jobs.iter().find(|j| j.name_any() == job_name) {
@@ -254,22 +328,27 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
             }
         }
         let rollout = status.rollout.clone().unwrap_or_default();
+        // The candidate's pods tell whether its runtime refused the artifact.
+        let mut candidate_pods = vec![];
+        if let Some(candidate) = rollout.candidate.as_deref() {
+            candidate_pods = revision_pods(&pods, &name, candidate, &ns).await?;
+            seen.candidate_refused = plan::refusal(&candidate_pods);
+        }
         if let Some(candidate) = rollout.candidate.as_deref()
             && let Some(spec) = ed.spec.strategy.analysis.as_ref()
             && analysis::due(Some(spec), status.analysis.as_ref(), candidate, now)
         {
+            let stable_pods = match rollout.stable.as_deref() {
+                Some(rev) => Some(revision_pods(&pods, &name, rev, &ns).await?),
+                None => None,
+            };
             let mut snapshots = vec![];
-            for rev in [Some(candidate), rollout.stable.as_deref()] {
-                let Some(rev) = rev else {
+            for list in [Some(&candidate_pods), stable_pods.as_ref()] {
+                let Some(list) = list else {
                     snapshots.push(None);
                     continue;
                 };
-                let selector = format!("{NAME_LABEL}={name},{REVISION_LABEL}={rev}");
-                let list = pods
-                    .list(&ListParams::default().labels(&selector))
-                    .await
-                    .map_err(api_error("list", format!("pods of revision {rev}"), &ns))?;
-                let urls = scrape::endpoints(&list.items, ctx.metrics_port);
+                let urls = scrape::endpoints(list, ctx.metrics_port);
                 snapshots.push(scrape::revision(&ctx.http, &urls, SCRAPE_TIMEOUT).await);
             }
             seen.analysis = Some(analysis::measure(
@@ -351,6 +430,17 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
             ))?;
     }
     base.publish(&ed.object_ref(&()), &plan.notices).await;
+    if rules.audit_logging == Some(true) {
+        let actor = audit::Actor {
+            who: &base.instance,
+            on_behalf_of: audit::spec_manager(&ed.metadata),
+            what: format!("EdgeDeployment {ns}/{name}"),
+            profiles: &verdict.profiles,
+        };
+        for record in audit::records(&plan.notices, &actor) {
+            record.emit();
+        }
+    }
     Ok(Action::requeue(plan.requeue))
 }
 

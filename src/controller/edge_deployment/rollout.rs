@@ -111,6 +111,8 @@ pub struct Observed {
     pub candidate_ready: bool,
     /// False when the ComplianceProfile controller set Compliant=False on the object.
     pub compliant: bool,
+    /// Why the candidate's runtime refused its artifact (digest, signature, decryption).
+    pub refused: Option<String>,
     /// `spec.paused`.
     pub spec_paused: bool,
     pub measurement: Option<Measurement>,
@@ -305,6 +307,17 @@ pub fn decide(strategy: &Strategy, state: &State, seen: &Observed) -> Decision {
         return decision(s, Phase::RolledBack, Some(e), notes, None);
     }
 
+    // A refused artifact (tampered, or signed or encrypted with other keys) will not heal by
+    // waiting: abort, and the stable revision keeps serving.
+    if let Some(why) = &seen.refused
+        && s.stable.is_some()
+    {
+        let reason = format!("the runtime refused the artifact of revision {candidate}: {why}");
+        let e = roll_back(&mut s, &candidate, Outcome::Aborted, reason, now);
+        notes.push(warn("ArtifactRefused", e.reason.clone()));
+        return decision(s, Phase::RolledBack, Some(e), notes, None);
+    }
+
     // Analysis: failures count whenever they are measured; too many roll back.
     if let Some(m) = &seen.measurement {
         match m {
@@ -465,6 +478,8 @@ pub fn decide(strategy: &Strategy, state: &State, seen: &Observed) -> Decision {
 fn waiting_reason(seen: &Observed) -> Option<String> {
     if !seen.artifact_ready {
         Some("building the artifact".into())
+    } else if let Some(why) = &seen.refused {
+        Some(format!("the runtime refused the artifact: {why}"))
     } else if !seen.compliant {
         Some("not compliant: never promoted".into())
     } else if !seen.candidate_ready {
@@ -531,10 +546,52 @@ mod tests {
             artifact_ready: true,
             candidate_ready: true,
             compliant: true,
+            refused: None,
             spec_paused: false,
             measurement: None,
             command: None,
         }
+    }
+
+    #[test]
+    fn a_refused_artifact_aborts_at_once_and_keeps_stable() {
+        let mut s = stable("r0");
+        s.candidate = Some("r1".into());
+        s.weight = 20;
+        let mut o = seen(10, "r1");
+        o.candidate_ready = false;
+        o.refused = Some("pod p: manifest digest is sha256:aa, expected sha256:bb".into());
+        let d = decide(&canary(vec![Step::SetWeight(20)]), &s, &o);
+        assert_eq!(d.phase, Phase::RolledBack);
+        assert_eq!(d.state.stable.as_deref(), Some("r0"));
+        assert_eq!((d.state.candidate.clone(), d.state.weight), (None, 0));
+        let ended = d.ended.unwrap();
+        assert_eq!(ended.outcome, Outcome::Aborted);
+        assert!(
+            ended
+                .reason
+                .contains("refused the artifact of revision r1: pod p: manifest digest")
+        );
+        assert_eq!(d.notes[0].reason, "ArtifactRefused");
+        // It stays aborted: the same target is not retried by itself.
+        let again = decide(
+            &canary(vec![Step::SetWeight(20)]),
+            &d.state,
+            &seen(20, "r1"),
+        );
+        assert_eq!(
+            (again.phase, again.state.candidate),
+            (Phase::RolledBack, None)
+        );
+
+        // The first revision has no stable to keep: it waits, saying why.
+        let d = decide(&canary(vec![]), &State::default(), &o);
+        assert_eq!(d.phase, Phase::Pending);
+        assert!(
+            d.waiting
+                .unwrap()
+                .starts_with("the runtime refused the artifact")
+        );
     }
 
     fn stable(rev: &str) -> State {
@@ -828,6 +885,7 @@ mod tests {
                         artifact_ready: true,
                         candidate_ready: ready,
                         compliant,
+                        refused: None,
                         spec_paused: false,
                         measurement: m.map(|m| match m {
                             0 => Measurement::Pass,

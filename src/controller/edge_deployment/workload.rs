@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 
+use super::security::{self, Security};
 use crate::api::edge_deployment::{
     ArtifactStatus, DeviceProfile, EdgeDeployment, PruningMethod, Quantization,
 };
@@ -189,6 +190,7 @@ pub fn build_job(
     ed: &EdgeDeployment,
     revision: &str,
     profile: Option<&DeviceProfile>,
+    security: &Security,
 ) -> Job {
     let spec = &ed.spec;
     let opt = &spec.optimization;
@@ -228,6 +230,8 @@ pub fn build_job(
             PruningMethod::SemiStructured24 => "2:4".into(),
         });
     }
+    let (key_args, keys) = security::build_keys(security.needs, security.keys.as_ref());
+    args.extend(key_args);
     // A file:// source is a folder on the node (or a PVC the cluster mounts at that path).
     let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) = store_volume(settings)
         .into_iter()
@@ -237,6 +241,7 @@ pub fn build_job(
             "Directory",
             true,
         ))
+        .chain(keys)
         .unzip();
     let secrets = spec
         .model
@@ -259,6 +264,7 @@ pub fn build_job(
                 }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
+                    security_context: Some(security::pod_security()),
                     containers: vec![Container {
                         name: "build".into(),
                         image: Some(settings.image.clone()),
@@ -324,7 +330,8 @@ pub fn pin_regions(affinity: Option<&Affinity>, regions: &[String]) -> Option<Af
     Some(affinity)
 }
 
-/// The runtime Deployment of one live revision; `regions` pins its pods (data residency).
+/// The runtime Deployment of one live revision; `regions` pins its pods (data residency),
+/// `security` says which keys it verifies, decrypts and authenticates with.
 pub fn runtime_deployment(
     settings: &Settings,
     ed: &EdgeDeployment,
@@ -332,6 +339,7 @@ pub fn runtime_deployment(
     artifact: &ArtifactStatus,
     replicas: i32,
     regions: &[String],
+    security: &Security,
 ) -> Deployment {
     let template = &ed.spec.template;
     let selector = BTreeMap::from([
@@ -339,13 +347,18 @@ pub fn runtime_deployment(
         (REVISION_LABEL.to_owned(), revision.to_owned()),
     ]);
     let labels = labels(ed, Some(revision), "runtime");
+    let (key_args, keys) = security::runtime_keys(
+        artifact,
+        security.needs.authenticate,
+        security.keys.as_ref(),
+    );
     let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) =
-        store_volume(settings).into_iter().unzip();
+        store_volume(settings).into_iter().chain(keys).unzip();
     let uri = artifact
         .uri
         .clone()
         .unwrap_or_else(|| artifact_uri(settings, ed, revision));
-    let args = vec![
+    let mut args = vec![
         "serve".into(),
         "--artifact".into(),
         uri,
@@ -359,6 +372,7 @@ pub fn runtime_deployment(
         "--drain-delay".into(),
         "5s".into(),
     ];
+    args.extend(key_args);
     stamp(Deployment {
         metadata: meta(ed, deployment_name(ed, revision), labels.clone()),
         spec: DeploymentSpec {
@@ -391,6 +405,8 @@ pub fn runtime_deployment(
                         resources: template.resources.clone(),
                         env_from: env_from(settings.artifact_store_secret.clone()),
                         volume_mounts: non_empty(mounts),
+                        // A refusal's reason becomes the termination message (see plan::refusal).
+                        termination_message_policy: Some("FallbackToLogsOnError".into()),
                         ..Container::default()
                     }],
                     volumes: non_empty(volumes),
@@ -400,6 +416,7 @@ pub fn runtime_deployment(
                         .then(|| template.tolerations.clone()),
                     affinity: pin_regions(template.affinity.as_ref(), regions),
                     priority_class_name: template.priority_class_name.clone(),
+                    security_context: Some(security::pod_security()),
                     // drain delay + drain timeout of the runtime.
                     termination_grace_period_seconds: Some(40),
                     ..PodSpec::default()
@@ -458,7 +475,13 @@ mod tests {
             cpu_cores: 2,
             accelerator: Default::default(),
         };
-        let job = build_job(&settings(), &ed, "0123456789abcdef", Some(&profile));
+        let job = build_job(
+            &settings(),
+            &ed,
+            "0123456789abcdef",
+            Some(&profile),
+            &Security::default(),
+        );
         assert_eq!(job.name_any(), "sentiment-build-01234567");
         assert_eq!(job.owner_references()[0].uid, "uid-1");
         assert_eq!(job.owner_references()[0].controller, Some(true));
@@ -492,7 +515,15 @@ mod tests {
             uri: Some("s3://a/b/".into()),
             ..ArtifactStatus::default()
         };
-        let d = runtime_deployment(&settings(), &ed, "0123456789abcdef", &artifact, 3, &[]);
+        let d = runtime_deployment(
+            &settings(),
+            &ed,
+            "0123456789abcdef",
+            &artifact,
+            3,
+            &[],
+            &Security::default(),
+        );
         assert_eq!(d.name_any(), "sentiment-01234567");
         let spec = d.spec;
         assert_eq!(spec.replicas, Some(3));
@@ -535,7 +566,7 @@ mod tests {
         s.artifact_store = "file:///var/lib/kasmina".into();
         let mut ed = sample();
         ed.spec.model.source.uri = "file:///models/minilm".into();
-        let job = build_job(&s, &ed, "r", None);
+        let job = build_job(&s, &ed, "r", None, &Security::default());
         let pod = job.spec.unwrap().template.spec.unwrap();
         let paths: Vec<_> = pod
             .volumes
@@ -599,6 +630,7 @@ mod tests {
             &artifact,
             3,
             &regions,
+            &Security::default(),
         );
         let affinity = d.spec.template.spec.unwrap().affinity.unwrap();
         assert!(
