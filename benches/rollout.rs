@@ -239,6 +239,7 @@ fn full_plan_cost() {
                         name,
                         model_version: "2.0.0".into(),
                         artifact: artifact.clone(),
+                        built_at: None,
                     })
                     .collect(),
                 ..Default::default()

@@ -87,6 +87,14 @@ enum Command {
         key_id: Option<String>,
     },
 
+    /// Delete artifacts (folders or object-store prefixes holding a manifest): what the
+    /// controller's retention Job runs for revisions past a profile's `retentionDays`.
+    DeleteArtifacts {
+        /// Artifact URIs: paths, file://, s3://, gs://, az://.
+        #[arg(required = true)]
+        uris: Vec<String>,
+    },
+
     /// Check Kasmina manifests offline with the rules the controller applies: unknown fields,
     /// types and semantic validation, each problem naming its field.
     Validate {
@@ -107,6 +115,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => verify(&args),
         Command::Keygen { out, encryption } => keygen(&out, encryption),
         Command::Serve(options) => serve(*options),
+        Command::DeleteArtifacts { uris } => delete_artifacts(&uris),
         Command::Token {
             key,
             audience,
@@ -373,6 +382,16 @@ fn serve(options: runtime::Options) -> Result<ExitCode, String> {
         }
         Err(e) => Err(telemetry::error_chain(&e)),
     }
+}
+
+fn delete_artifacts(uris: &[String]) -> Result<ExitCode, String> {
+    run_service(async {
+        for uri in uris {
+            let files = kasmina::artifact::delete(uri).await?;
+            println!("{uri}: {files} files deleted");
+        }
+        Ok::<(), kasmina::artifact::Error>(())
+    })
 }
 
 fn token(key: &std::path::Path, request: &runtime::auth::TokenRequest) -> Result<ExitCode, String> {

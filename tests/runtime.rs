@@ -1036,3 +1036,37 @@ async fn a_bert_artifact_serves_sentence_embeddings() {
     assert_eq!(r.status, 422);
     server.stop().await;
 }
+
+/// What the retention Job runs: an artifact folder goes, a folder that is not an artifact is
+/// refused untouched, and one already gone is fine (a retried Job succeeds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_artifacts_removes_only_artifacts() {
+    let scratch = Scratch::new("delete-artifacts");
+    build(&scratch.0, Architecture::Mlp).await;
+    let artifact = scratch.path("artifact");
+    let other = scratch.path("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "keep me").unwrap();
+
+    let run = |uri: String| {
+        let out = kasmina().args(["delete-artifacts", &uri]).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = run(format!("file://{}", artifact.display()));
+    assert!(ok, "{text}");
+    assert!(text.contains("files deleted"), "{text}");
+    assert!(!artifact.exists());
+    let (ok, text) = run(artifact.display().to_string());
+    assert!(ok, "already gone is not an error: {text}");
+    let (ok, text) = run(other.display().to_string());
+    assert!(!ok);
+    assert!(
+        text.contains("not an artifact (no manifest.json); nothing deleted"),
+        "{text}"
+    );
+    assert!(other.join("notes.txt").exists());
+}

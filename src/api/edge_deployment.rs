@@ -648,6 +648,9 @@ pub struct RevisionRecord {
     pub model_version: String,
     /// The artifact built for it.
     pub artifact: ArtifactStatus,
+    /// When the build finished; a ComplianceProfile's `retentionDays` counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built_at: Option<Time>,
 }
 
 /// Analysis of the candidate revision.

@@ -638,12 +638,62 @@ enum Target {
     Remote(String),
 }
 
+/// The folder of a path or `file://` URI; None for object-store URIs.
+fn local_dir(uri: &str) -> Option<PathBuf> {
+    uri.strip_prefix("file://")
+        .map(PathBuf::from)
+        .or_else(|| (!uri.contains("://")).then(|| PathBuf::from(uri)))
+}
+
+/// Deletes the artifact at `uri` (a folder, or an object-store prefix) and returns how many
+/// files went. Only an artifact is deleted — something without a manifest is refused — and
+/// one already gone is not an error, so a retried clean-up succeeds.
+pub async fn delete(uri: &str) -> Result<usize, Error> {
+    let not_artifact = || {
+        Error::Output(format!(
+            "{uri}: not an artifact (no {MANIFEST_FILE}); nothing deleted"
+        ))
+    };
+    if let Some(dir) = local_dir(uri) {
+        if !dir.exists() {
+            return Ok(0);
+        }
+        if !dir.join(MANIFEST_FILE).is_file() {
+            return Err(not_artifact());
+        }
+        let files = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .count();
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        return Ok(files);
+    }
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let failed = |e: object_store::Error| Error::Output(format!("{uri}: {e}"));
+    let url = url::Url::parse(uri).map_err(|e| Error::Output(format!("{uri}: {e}")))?;
+    let options = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
+    let (store, prefix) = object_store::parse_url_opts(&url, options).map_err(failed)?;
+    let objects: Vec<object_store::path::Path> = store
+        .list(Some(&prefix))
+        .map_ok(|meta| meta.location)
+        .try_collect()
+        .await
+        .map_err(failed)?;
+    if objects.is_empty() {
+        return Ok(0);
+    }
+    if !objects.iter().any(|o| o.filename() == Some(MANIFEST_FILE)) {
+        return Err(not_artifact());
+    }
+    for object in &objects {
+        store.delete(object).await.map_err(failed)?;
+    }
+    Ok(objects.len())
+}
+
 impl Output {
     fn prepare(out: &str) -> Result<Self, Error> {
-        let local = out
-            .strip_prefix("file://")
-            .map(PathBuf::from)
-            .or_else(|| (!out.contains("://")).then(|| PathBuf::from(out)));
+        let local = local_dir(out);
         match local {
             Some(dir) => {
                 if dir.exists() {

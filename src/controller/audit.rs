@@ -11,7 +11,7 @@ use super::context::Notice;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
-    /// `admission`, `build`, `promotion`, `rollback`, `scale`.
+    /// `admission`, `build`, `promotion`, `rollback`, `scale`, `retention`.
     pub action: &'static str,
     /// The user or service account behind it; `kasmina (<pod>)` for the operator's own.
     pub who: String,
@@ -53,6 +53,7 @@ pub fn action_of(reason: &str) -> Option<(&'static str, &'static str)> {
         "RolledBack" => ("rollback", "rolled back"),
         "RolloutAborted" | "ArtifactRefused" => ("rollback", "aborted"),
         "SuccessfulRescale" => ("scale", "scaled"),
+        "RetentionExpired" => ("retention", "deleted"),
         _ => return None,
     })
 }

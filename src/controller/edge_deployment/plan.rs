@@ -96,6 +96,8 @@ pub struct Observed {
     pub keys_error: Option<String>,
     /// Why the candidate's runtime refused its artifact, if one of its pods did.
     pub candidate_refused: Option<String>,
+    /// The profiles' `retentionDays`: older revisions and their artifacts are deleted.
+    pub retention_days: Option<u32>,
 }
 
 /// What the reconciler should apply, delete, write and say.
@@ -253,6 +255,7 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
                         name: target.clone(),
                         model_version: ed.spec.model.version.clone(),
                         artifact: artifact.clone(),
+                        built_at: Some(Time(now)),
                     },
                 );
             }
@@ -374,6 +377,18 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
         kept += 1;
         kept <= limit || live.contains(&r.name) || r.name == target
     });
+    if let Some(days) = seen.retention_days {
+        retain_days(
+            ed,
+            settings,
+            &mut status,
+            &mut plan,
+            &live,
+            &target,
+            days,
+            now,
+        );
+    }
     if let Some((_, analysis)) = &seen.analysis {
         status.analysis = Some(analysis.clone());
     }
@@ -706,6 +721,53 @@ fn build_state(
         return Build::Failed(message.trim().to_owned());
     }
     Build::Running
+}
+
+/// `retentionDays`: revisions built longer ago than that (never a live one or the target) leave
+/// status with their artifacts, deleted by a Job; rollout history older than that goes too.
+#[allow(clippy::too_many_arguments)]
+fn retain_days(
+    ed: &EdgeDeployment,
+    settings: &Settings,
+    status: &mut EdgeDeploymentStatus,
+    plan: &mut Plan,
+    live: &BTreeSet<String>,
+    target: &str,
+    days: u32,
+    now: Timestamp,
+) {
+    let cutoff = now.as_second() - i64::from(days) * 86_400;
+    let old = |t: &Option<Time>| t.as_ref().is_some_and(|t| t.0.as_second() < cutoff);
+    let (expired, kept): (Vec<RevisionRecord>, Vec<RevisionRecord>) =
+        std::mem::take(&mut status.revisions)
+            .into_iter()
+            .partition(|r| old(&r.built_at) && !live.contains(&r.name) && r.name != target);
+    status.revisions = kept;
+    status.history.retain(|h| !old(&h.finished_at));
+    if expired.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = expired.iter().map(|r| r.name.as_str()).collect();
+    let uris: Vec<String> = expired
+        .iter()
+        .map(|r| {
+            r.artifact
+                .uri
+                .clone()
+                .unwrap_or_else(|| workload::artifact_uri(settings, ed, &r.name))
+        })
+        .collect();
+    let job = workload::retention_job(settings, ed, &uris);
+    plan.notices.push(Notice::normal(
+        "RetentionExpired",
+        "Retention",
+        format!(
+            "revisions {} are older than {days} days: removed, their artifacts deleted by Job {}",
+            names.join(", "),
+            job.name_any()
+        ),
+    ));
+    plan.jobs.push(job);
 }
 
 /// Why a revision's runtime refused its artifact: a container that exited with the runtime's
@@ -1280,6 +1342,54 @@ pub(crate) mod tests {
                 .get_or_insert_with(Default::default)
                 .insert(key.into(), value.into());
         }
+    }
+
+    #[test]
+    fn retention_deletes_old_revisions_and_their_artifacts_never_the_live_one() {
+        let mut w = World::serving(sample());
+        let first = w.status().stable_revision.clone().unwrap();
+        w.build_version("2.0.0");
+        w.converge();
+        let second = w.status().stable_revision.clone().unwrap();
+        assert_ne!(first, second);
+        assert_eq!(w.status().revisions.len(), 2);
+        assert!(w.status().revisions.iter().all(|r| r.built_at.is_some()));
+
+        // 29 days on, a 30-day rule removes nothing.
+        w.seen.retention_days = Some(30);
+        w.now += 29 * 86_400;
+        let plan = w.reconcile();
+        assert!(plan.jobs.is_empty());
+        assert_eq!(w.status().revisions.len(), 2);
+
+        // 31 days on: the first revision goes with its artifact; the serving one stays even
+        // though it is as old.
+        w.now += 2 * 86_400;
+        let plan = w.reconcile();
+        let names: Vec<&str> = w
+            .status()
+            .revisions
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(names, [second.as_str()]);
+        assert!(
+            w.status().history.is_empty(),
+            "rollout history past retention goes too"
+        );
+        assert_eq!(plan.jobs.len(), 1);
+        let job = &plan.jobs[0];
+        assert!(job.name_any().starts_with("sentiment-retention-"));
+        let args = job.spec.clone().unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        assert_eq!(args, ["delete-artifacts", "s3://artifacts/ml/sentiment/r/"]);
+        let event = w.event("RetentionExpired").unwrap();
+        assert!(event.message.contains(&first) && event.message.contains("30 days"));
+
+        // Done once: the next reconcile plans no other Job.
+        assert!(w.reconcile().jobs.is_empty());
     }
 
     fn canary_spec(ed: &mut EdgeDeployment) {

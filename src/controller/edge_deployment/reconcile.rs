@@ -273,6 +273,7 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
         .map_err(api_error("list", "complianceprofiles", &ns))?;
     let rules = &verdict.rules;
     seen.allowed_regions = rules.allowed_regions.clone();
+    seen.retention_days = rules.retention_days;
     seen.security.needs = Needs::from_rules(rules);
     // Keys are read when the rules call for them, or to serve a revision built with them.
     let built_with_keys = status

@@ -285,6 +285,48 @@ pub fn build_job(
     })
 }
 
+/// The Job that deletes the artifacts at `uris` (revisions past a profile's `retentionDays`),
+/// with the store's credentials. Named by the set, so planning it twice creates it once.
+pub fn retention_job(settings: &Settings, ed: &EdgeDeployment, uris: &[String]) -> Job {
+    let hash = super::plan::fnv1a64(uris.join("\n").as_bytes());
+    let name = format!("{}-retention-{:08x}", ed.name_any(), hash as u32);
+    let mut args = vec!["delete-artifacts".to_owned()];
+    args.extend(uris.iter().cloned());
+    let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) =
+        store_volume(settings).into_iter().unzip();
+    let labels = labels(ed, None, "retention");
+    stamp(Job {
+        metadata: meta(ed, name, labels.clone()),
+        spec: Some(JobSpec {
+            backoff_limit: Some(3),
+            ttl_seconds_after_finished: Some(3600),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    security_context: Some(security::pod_security()),
+                    containers: vec![Container {
+                        name: "retention".into(),
+                        image: Some(settings.image.clone()),
+                        args: Some(args),
+                        env_from: env_from(settings.artifact_store_secret.clone()),
+                        volume_mounts: non_empty(mounts),
+                        termination_message_policy: Some("FallbackToLogsOnError".into()),
+                        ..Container::default()
+                    }],
+                    volumes: non_empty(volumes),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    })
+}
+
 fn probe(path: &str, period: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
