@@ -1,12 +1,16 @@
 //! `kubectl kasmina`: promote, abort, retry, pause and resume an EdgeDeployment's rollout
-//! (through annotations the controller consumes), or draw its status.
+//! (through annotations the controller consumes), draw its status, or mint a token for its
+//! runtime.
 
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kasmina::api::EdgeDeployment;
+use kasmina::controller::edge_deployment::security;
 use kasmina::controller::edge_deployment::workload::NAME_LABEL;
 use kasmina::plugin;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -40,6 +44,17 @@ enum Verb {
     Resume { name: String },
     /// Draw the rollout: revisions, weights, steps, analysis, conditions and history.
     Status { name: String },
+    /// Print a JWT for the EdgeDeployment's runtime, signed with the key in its keys Secret
+    /// (made when a ComplianceProfile requires authentication); audience: the model's name.
+    Token {
+        name: String,
+        /// How long the token is valid, e.g. 1h, 30m.
+        #[arg(long, default_value = "1h")]
+        lifetime: kasmina::api::duration::Duration,
+        /// The subject claim: who the token is for.
+        #[arg(long)]
+        subject: Option<String>,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -69,11 +84,44 @@ async fn run(cli: Cli) -> Result<(), String> {
         Verb::Pause { name } => ("pause", name),
         Verb::Resume { name } => ("resume", name),
         Verb::Status { name } => ("status", name),
+        Verb::Token { name, .. } => ("token", name),
     };
     let ed = eds
         .get(name)
         .await
         .map_err(|e| format!("EdgeDeployment {ns}/{name}: {e}"))?;
+    if let Verb::Token {
+        lifetime, subject, ..
+    } = &cli.command
+    {
+        let secret = security::secret_name(&ed);
+        let secrets: Api<Secret> = Api::namespaced(client, &ns);
+        let data = secrets
+            .get(&secret)
+            .await
+            .map_err(|e| {
+                format!(
+                    "Secret {ns}/{secret}: {e} (does a ComplianceProfile require authentication?)"
+                )
+            })?
+            .data
+            .unwrap_or_default();
+        let key = data
+            .get(security::JWT_KEY)
+            .ok_or_else(|| format!("Secret {ns}/{secret} has no {}", security::JWT_KEY))?;
+        let request = kasmina::runtime::auth::TokenRequest {
+            audience: &ed.spec.model.name,
+            issuer: None,
+            subject: subject.as_deref(),
+            lifetime: lifetime.as_std(),
+            key_id: None,
+        };
+        let what = format!("Secret {ns}/{secret}, key {}", security::JWT_KEY);
+        let token = kasmina::runtime::auth::issue_with(&key.0, &what, &request, SystemTime::now())
+            .map_err(|e| e.to_string())?;
+        println!("{token}");
+        return Ok(());
+    }
     if verb == "status" {
         let deployments: Api<Deployment> = Api::namespaced(client, &ns);
         let list = deployments

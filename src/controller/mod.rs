@@ -294,6 +294,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         let settings = compliance_profile::serve::WebhookConfig {
             addr: config.webhook_addr,
             location,
+            clock: Arc::new(SystemClock),
         };
         let (client, stop) = (client.clone(), shutdown.clone());
         Some(tokio::spawn(async move {

@@ -247,8 +247,24 @@ pub fn issue(
     request: &TokenRequest,
     now: SystemTime,
 ) -> Result<String, AuthError> {
-    let (key, algorithm) = encoding_key(&read(key_file)?).map_err(|message| AuthError::Key {
-        path: key_file.display().to_string(),
+    issue_with(
+        &read(key_file)?,
+        &key_file.display().to_string(),
+        request,
+        now,
+    )
+}
+
+/// Issues a token with the private key (or secret) `key`; `what` names it in errors (a file,
+/// or a Secret's entry).
+pub fn issue_with(
+    key: &[u8],
+    what: &str,
+    request: &TokenRequest,
+    now: SystemTime,
+) -> Result<String, AuthError> {
+    let (key, algorithm) = encoding_key(key).map_err(|message| AuthError::Key {
+        path: what.to_owned(),
         message,
     })?;
     let iat = now

@@ -36,6 +36,7 @@ use super::certs::{self, Location};
 use super::rules::namespace_labels;
 use super::webhook::{audit_event, review};
 use crate::api::ComplianceProfile;
+use crate::controller::context::Clock;
 use crate::telemetry::json_error;
 
 /// Errors that stop the webhook server.
@@ -212,10 +213,12 @@ pub fn router(admission: Admission) -> Router {
 }
 
 /// Settings of the webhook server.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WebhookConfig {
     pub addr: SocketAddr,
     pub location: Location,
+    /// What certificate expiry is measured against.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Serves the webhook until `shutdown`: certificates first (issued or read), then refreshed
@@ -250,7 +253,8 @@ pub async fn run(
     });
 
     let certificate = Arc::new(Reloadable::default());
-    let now = || k8s_openapi::jiff::Timestamp::now().as_second();
+    let clock = config.clock.clone();
+    let now = move || clock.now().as_second();
     let (cert, key) = certs::ensure(&client, &config.location, now())
         .await
         .map_err(|e| Error::Certificate(crate::telemetry::error_chain(&e)))?;
