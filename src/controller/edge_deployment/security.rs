@@ -215,14 +215,20 @@ pub fn artifact_identity(needs: Needs, keys: Option<&Keys>) -> Option<(String, S
     })
 }
 
-/// Command-line flags and the keys volume for a container: `files` are (flag, Secret key).
+/// Command-line flags and the keys volume for a container: `files` are (wanted, flag, Secret
+/// key); the wanted ones are mounted and passed.
 fn mount(
-    keys: &Keys,
-    files: &[(&str, &'static str)],
+    keys: Option<&Keys>,
+    files: &[(bool, &str, &'static str)],
 ) -> (Vec<String>, Option<(Volume, VolumeMount)>) {
-    if files.is_empty() {
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .filter(|(wanted, _, _)| *wanted)
+        .map(|(_, flag, key)| (*flag, *key))
+        .collect();
+    let Some(keys) = keys.filter(|_| !files.is_empty()) else {
         return (vec![], None);
-    }
+    };
     let args = files
         .iter()
         .flat_map(|(flag, key)| [(*flag).to_owned(), format!("{KEYS_DIR}/{key}")])
@@ -277,17 +283,22 @@ pub fn build_keys(
     needs: Needs,
     keys: Option<&Keys>,
 ) -> (Vec<String>, Option<(Volume, VolumeMount)>) {
-    let Some(keys) = keys else {
-        return (vec![], None);
-    };
-    let mut files = vec![];
-    if needs.sign && keys.signing_key_id.is_some() {
-        files.push(("--sign-key", SIGNING_KEY));
-    }
-    if needs.encrypt && keys.encryption_key_id.is_some() {
-        files.push(("--encrypt-key", ENCRYPTION_KEY));
-    }
-    mount(keys, &files)
+    let has = |id: fn(&Keys) -> bool| keys.is_some_and(id);
+    mount(
+        keys,
+        &[
+            (
+                needs.sign && has(|k| k.signing_key_id.is_some()),
+                "--sign-key",
+                SIGNING_KEY,
+            ),
+            (
+                needs.encrypt && has(|k| k.encryption_key_id.is_some()),
+                "--encrypt-key",
+                ENCRYPTION_KEY,
+            ),
+        ],
+    )
 }
 
 /// The runtime's flags and volume: it verifies the signature of a signed artifact, decrypts
@@ -297,21 +308,25 @@ pub fn runtime_keys(
     authenticate: bool,
     keys: Option<&Keys>,
 ) -> (Vec<String>, Option<(Volume, VolumeMount)>) {
-    let Some(keys) = keys else {
-        return (vec![], None);
-    };
-    let mut files = vec![];
-    if artifact.signed && keys.signing_key_id.is_some() {
-        files.push(("--public-key", SIGNING_PUB));
-    }
-    if artifact.encrypted && keys.encryption_key_id.is_some() {
-        files.push(("--decrypt-key", ENCRYPTION_KEY));
-    }
-    if authenticate && keys.jwt {
-        files.push(("--jwt-key", JWT_PUB));
-    }
-    let (mut args, volume) = mount(keys, &files);
-    if authenticate && keys.jwt {
+    let has = |id: fn(&Keys) -> bool| keys.is_some_and(id);
+    let jwt = authenticate && has(|k| k.jwt);
+    let (mut args, volume) = mount(
+        keys,
+        &[
+            (
+                artifact.signed && has(|k| k.signing_key_id.is_some()),
+                "--public-key",
+                SIGNING_PUB,
+            ),
+            (
+                artifact.encrypted && has(|k| k.encryption_key_id.is_some()),
+                "--decrypt-key",
+                ENCRYPTION_KEY,
+            ),
+            (jwt, "--jwt-key", JWT_PUB),
+        ],
+    );
+    if jwt {
         args.extend(["--auth".to_owned(), "jwt".to_owned()]);
     }
     (args, volume)

@@ -250,39 +250,17 @@ pub fn build_job(
         .iter()
         .map(|s| s.name.clone())
         .chain(settings.artifact_store_secret.clone());
+    let container = Container {
+        name: "build".into(),
+        image: Some(settings.image.clone()),
+        args: Some(args),
+        env_from: env_from(secrets),
+        volume_mounts: non_empty(mounts),
+        ..Container::default()
+    };
     let labels = labels(ed, Some(revision), "build");
-    stamp(Job {
-        metadata: meta(ed, job_name(ed, revision), labels.clone()),
-        spec: Some(JobSpec {
-            backoff_limit: Some(1),
-            // The outcome is copied into status; the Job only needs to outlive one reconcile.
-            ttl_seconds_after_finished: Some(3600),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".into()),
-                    security_context: Some(security::pod_security()),
-                    containers: vec![Container {
-                        name: "build".into(),
-                        image: Some(settings.image.clone()),
-                        args: Some(args),
-                        env_from: env_from(secrets),
-                        volume_mounts: non_empty(mounts),
-                        // The builder's own error text becomes the termination message.
-                        termination_message_policy: Some("FallbackToLogsOnError".into()),
-                        ..Container::default()
-                    }],
-                    volumes: non_empty(volumes),
-                    ..PodSpec::default()
-                }),
-            },
-            ..JobSpec::default()
-        }),
-        status: None,
-    })
+    // The outcome is copied into status; the Job only needs to outlive one reconcile.
+    run_once(ed, job_name(ed, revision), labels, 1, container, volumes)
 }
 
 /// The Job that deletes the artifacts at `uris` (revisions past a profile's `retentionDays`),
@@ -294,11 +272,38 @@ pub fn retention_job(settings: &Settings, ed: &EdgeDeployment, uris: &[String]) 
     args.extend(uris.iter().cloned());
     let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) =
         store_volume(settings).into_iter().unzip();
-    let labels = labels(ed, None, "retention");
+    let container = Container {
+        name: "retention".into(),
+        image: Some(settings.image.clone()),
+        args: Some(args),
+        env_from: env_from(settings.artifact_store_secret.clone()),
+        volume_mounts: non_empty(mounts),
+        ..Container::default()
+    };
+    run_once(
+        ed,
+        name,
+        labels(ed, None, "retention"),
+        3,
+        container,
+        volumes,
+    )
+}
+
+/// A Job of one container run to completion, kept an hour after it ends. Its error text
+/// becomes the termination message, which the reconciler reads.
+fn run_once(
+    ed: &EdgeDeployment,
+    name: String,
+    labels: BTreeMap<String, String>,
+    backoff_limit: i32,
+    container: Container,
+    volumes: Vec<Volume>,
+) -> Job {
     stamp(Job {
         metadata: meta(ed, name, labels.clone()),
         spec: Some(JobSpec {
-            backoff_limit: Some(3),
+            backoff_limit: Some(backoff_limit),
             ttl_seconds_after_finished: Some(3600),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -309,13 +314,8 @@ pub fn retention_job(settings: &Settings, ed: &EdgeDeployment, uris: &[String]) 
                     restart_policy: Some("Never".into()),
                     security_context: Some(security::pod_security()),
                     containers: vec![Container {
-                        name: "retention".into(),
-                        image: Some(settings.image.clone()),
-                        args: Some(args),
-                        env_from: env_from(settings.artifact_store_secret.clone()),
-                        volume_mounts: non_empty(mounts),
                         termination_message_policy: Some("FallbackToLogsOnError".into()),
-                        ..Container::default()
+                        ..container
                     }],
                     volumes: non_empty(volumes),
                     ..PodSpec::default()
