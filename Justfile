@@ -37,6 +37,11 @@ run:
 e2e:
     KASMINA_E2E=1 cargo test --test e2e -- --ignored --test-threads=1
 
+# Admission e2e: install the chart on kind (after kind-up and e2e-setup), kubectl apply against its webhook
+e2e-webhook: install-helm
+    {{helm}} upgrade --install kasmina charts/kasmina --namespace kasmina-system --create-namespace --wait --timeout 5m
+    KASMINA_E2E=1 KASMINA_E2E_WEBHOOK=1 cargo test --test e2e admission -- --ignored --test-threads=1
+
 # Create a kind cluster for e2e (needs Docker and kind)
 kind-up:
     kind create cluster --name kasmina --wait 120s

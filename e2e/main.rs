@@ -400,3 +400,109 @@ async fn a_new_version_is_built_served_and_rolled_out() {
         .await
         .unwrap();
 }
+
+/// `kubectl apply` through the chart's admission webhook: an Enforce profile denies a
+/// violating EdgeDeployment with a message naming the rule and the field; a Warn profile admits
+/// it and kubectl prints the warning. The API server calls the webhook in the cluster, so this
+/// needs the chart installed (`just e2e-webhook` installs it on kind and runs this test).
+#[tokio::test]
+#[ignore = "needs a cluster with the chart installed: `just e2e-webhook`"]
+async fn admission_enforce_denies_and_warn_warns_at_kubectl_apply() {
+    if std::env::var("KASMINA_E2E_WEBHOOK").as_deref() != Ok("1") {
+        eprintln!(
+            "SKIPPED: needs the chart (and so the webhook) in the cluster; run `just e2e-webhook`"
+        );
+        return;
+    }
+    let client = cluster().await;
+    let configurations: Api<
+        k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration,
+    > = Api::all(client.clone());
+    assert!(
+        configurations.get_opt("kasmina").await.unwrap().is_some(),
+        "no ValidatingWebhookConfiguration kasmina: install the chart (`just e2e-webhook`)"
+    );
+    ensure_namespace(&client, "ml").await;
+    let profiles: Api<ComplianceProfile> = Api::all(client.clone());
+    for (name, enforcement) in [("e2e-enforce", "Enforce"), ("e2e-warn", "Warn")] {
+        let profile: ComplianceProfile = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kasmina.dev/v1alpha1", "kind": "ComplianceProfile",
+            "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": {"kasmina.dev/e2e": name}},
+                     "enforcement": enforcement,
+                     "rules": {"allowedModelSources": ["s3://approved-models/*"]}}}))
+        .unwrap();
+        profiles
+            .patch(
+                name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&profile),
+            )
+            .await
+            .unwrap();
+    }
+    let manifest = |name: &str, profile: &str| {
+        serde_json::json!({
+            "apiVersion": "kasmina.dev/v1alpha1", "kind": "EdgeDeployment",
+            "metadata": {"name": name, "namespace": "ml", "labels": {"kasmina.dev/e2e": profile}},
+            "spec": {"model": {"name": "minilm", "version": "1.0.0", "architecture": "bert",
+                               "source": {"uri": "s3://scratch/minilm/"}},
+                     "optimization": {"profile": {"memoryMiB": 256}}}})
+        .to_string()
+    };
+    let kubectl_apply = |doc: String| {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(doc.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Every replica's profile cache catches up within a few seconds of the profile.
+    let mut denied = None;
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    for _ in 0..30 {
+        retry.tick().await;
+        let (ok, stderr) = kubectl_apply(manifest("e2e-denied", "e2e-enforce"));
+        if !ok {
+            denied = Some(stderr);
+            break;
+        }
+        let eds: Api<EdgeDeployment> = Api::namespaced(client.clone(), "ml");
+        let _ = eds.delete("e2e-denied", &DeleteParams::default()).await;
+    }
+    let denied = denied.expect("the Enforce profile never denied the EdgeDeployment");
+    for part in [
+        "denied the request",
+        "spec.model.source.uri",
+        "allowedModelSources of ComplianceProfile e2e-enforce",
+    ] {
+        assert!(denied.contains(part), "{part:?} not in: {denied}");
+    }
+
+    let (ok, stderr) = kubectl_apply(manifest("e2e-warned", "e2e-warn"));
+    assert!(ok, "Warn admits: {stderr}");
+    assert!(
+        stderr.contains("Warning:") && stderr.contains("allowedModelSources"),
+        "kubectl prints the warning: {stderr}"
+    );
+
+    let eds: Api<EdgeDeployment> = Api::namespaced(client.clone(), "ml");
+    let _ = eds.delete("e2e-warned", &DeleteParams::default()).await;
+    for name in ["e2e-enforce", "e2e-warn"] {
+        let _ = profiles.delete(name, &DeleteParams::default()).await;
+    }
+}

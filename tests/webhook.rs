@@ -161,6 +161,16 @@ fn audit_only_records_and_audit_logging_writes_who_and_what() {
         Some("kasmina.dev/v1alpha1")
     );
     let event = audit_event(&record);
+    // A dry run changes nothing and is not audited (the webhook declares no side effects).
+    let mut dry: Value = serde_json::from_slice(&body).unwrap();
+    dry["request"]["dryRun"] = json!(true);
+    let dry = serde_json::to_vec(&dry).unwrap();
+    assert!(
+        review(&dry, &[&enforce], &NamespaceLabels::new())
+            .unwrap()
+            .audit
+            .is_none()
+    );
     assert!(event.warning);
     assert_eq!(event.reason, "AdmissionDenied");
     assert!(

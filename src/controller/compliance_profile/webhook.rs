@@ -69,7 +69,11 @@ pub fn review(
     let (response, audit) = decide(&request, profiles, namespaces);
     Ok(Reviewed {
         review: response.into_review(),
-        audit: audit.map(|record| (record, regarding(&request))),
+        // A dry run changes nothing, so it is not audited (the webhook declares sideEffects:
+        // None, and the audit Event would be one).
+        audit: audit
+            .filter(|_| !request.dry_run)
+            .map(|record| (record, regarding(&request))),
     })
 }
 
