@@ -350,29 +350,29 @@ fn keygen(out: &std::path::Path, encryption: bool) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs `work` to its end on a multi-threaded async runtime.
+fn block_on<T>(work: impl Future<Output = T>) -> Result<T, String> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?
+        .block_on(work))
+}
+
 /// Runs a long-lived service (controller, runtime) on a multi-threaded async runtime.
 fn run_service<E: std::error::Error>(
     service: impl Future<Output = Result<(), E>>,
 ) -> Result<ExitCode, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the async runtime: {e}"))?
-        .block_on(service)
-        .map_err(|e| telemetry::error_chain(&e))?;
+    block_on(service)?.map_err(|e| telemetry::error_chain(&e))?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn serve(options: runtime::Options) -> Result<ExitCode, String> {
-    let served = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the async runtime: {e}"))?
-        .block_on(async {
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
-            runtime::run(options, shutdown).await
-        });
+    let served = block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
+        runtime::run(options, shutdown).await
+    })?;
     match served {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // Its own exit code, which the controller reads from the pod to abort the rollout.

@@ -671,8 +671,7 @@ pub async fn delete(uri: &str) -> Result<usize, Error> {
     use object_store::ObjectStoreExt;
     let failed = |e: object_store::Error| Error::Output(format!("{uri}: {e}"));
     let url = url::Url::parse(uri).map_err(|e| Error::Output(format!("{uri}: {e}")))?;
-    let options = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
-    let (store, prefix) = object_store::parse_url_opts(&url, options).map_err(failed)?;
+    let (store, prefix) = source::open_store(&url).map_err(failed)?;
     let objects: Vec<object_store::path::Path> = store
         .list(Some(&prefix))
         .map_ok(|meta| meta.location)
@@ -742,9 +741,8 @@ impl Output {
             Target::Remote(uri) => {
                 use object_store::ObjectStoreExt;
                 let url = url::Url::parse(uri).map_err(|e| Error::Output(format!("{uri}: {e}")))?;
-                let options = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
-                let (store, prefix) = object_store::parse_url_opts(&url, options)
-                    .map_err(|e| Error::Output(format!("{uri}: {e}")))?;
+                let (store, prefix) =
+                    source::open_store(&url).map_err(|e| Error::Output(format!("{uri}: {e}")))?;
                 for entry in
                     std::fs::read_dir(&self.staging.0).map_err(|e| Error::io(&self.staging.0, e))?
                 {

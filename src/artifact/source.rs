@@ -82,6 +82,16 @@ pub async fn fetch(uri: &str) -> Result<ModelFiles, Error> {
     Ok(files)
 }
 
+/// The object store behind `url` and the path in it. Credentials and endpoints come from the
+/// environment (AWS_*, GOOGLE_*, AZURE_*), as the build, runtime and retention pods get them
+/// from the artifact store's Secret.
+pub fn open_store(
+    url: &url::Url,
+) -> object_store::Result<(Box<dyn object_store::ObjectStore>, object_store::path::Path)> {
+    let options = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
+    object_store::parse_url_opts(url, options)
+}
+
 /// Downloads the objects at `uri` (a single `.safetensors` object, or the files under a
 /// prefix whose names `wanted` accepts) into the folder `into`.
 pub async fn download(
@@ -98,11 +108,7 @@ pub async fn download(
             url.scheme()
         )));
     }
-    // Credentials and endpoints come from the environment (AWS_*, GOOGLE_*, AZURE_*), as the
-    // build Job passes them from the referenced Secret.
-    let options = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
-    let (store, prefix) = object_store::parse_url_opts(&url, options)
-        .map_err(|e| Error::Source(format!("{uri}: {e}")))?;
+    let (store, prefix) = open_store(&url).map_err(|e| Error::Source(format!("{uri}: {e}")))?;
     let unreachable = |e: object_store::Error| Error::Source(format!("{uri}: {e}"));
     // A single file, or a folder listing.
     let objects: Vec<object_store::path::Path> = if uri.ends_with(".safetensors") {

@@ -378,16 +378,12 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
         kept <= limit || live.contains(&r.name) || r.name == target
     });
     if let Some(days) = seen.retention_days {
-        retain_days(
-            ed,
-            settings,
-            &mut status,
-            &mut plan,
-            &live,
-            &target,
-            days,
-            now,
-        );
+        let expired = expire(&mut status, &live, &target, days, now);
+        if !expired.is_empty() {
+            let (job, notice) = retention(ed, settings, &expired, days);
+            plan.notices.push(notice);
+            plan.jobs.push(job);
+        }
     }
     if let Some((_, analysis)) = &seen.analysis {
         status.analysis = Some(analysis.clone());
@@ -723,19 +719,15 @@ fn build_state(
     Build::Running
 }
 
-/// `retentionDays`: revisions built longer ago than that (never a live one or the target) leave
-/// status with their artifacts, deleted by a Job; rollout history older than that goes too.
-#[allow(clippy::too_many_arguments)]
-fn retain_days(
-    ed: &EdgeDeployment,
-    settings: &Settings,
+/// `retentionDays`: revisions built longer ago than that (never a live one or the target)
+/// leave status and are returned; rollout history older than that goes too.
+fn expire(
     status: &mut EdgeDeploymentStatus,
-    plan: &mut Plan,
     live: &BTreeSet<String>,
     target: &str,
     days: u32,
     now: Timestamp,
-) {
+) -> Vec<RevisionRecord> {
     let cutoff = now.as_second() - i64::from(days) * 86_400;
     let old = |t: &Option<Time>| t.as_ref().is_some_and(|t| t.0.as_second() < cutoff);
     let (expired, kept): (Vec<RevisionRecord>, Vec<RevisionRecord>) =
@@ -744,9 +736,16 @@ fn retain_days(
             .partition(|r| old(&r.built_at) && !live.contains(&r.name) && r.name != target);
     status.revisions = kept;
     status.history.retain(|h| !old(&h.finished_at));
-    if expired.is_empty() {
-        return;
-    }
+    expired
+}
+
+/// The Job that deletes the expired revisions' artifacts, and the Event saying so.
+fn retention(
+    ed: &EdgeDeployment,
+    settings: &Settings,
+    expired: &[RevisionRecord],
+    days: u32,
+) -> (Job, Notice) {
     let names: Vec<&str> = expired.iter().map(|r| r.name.as_str()).collect();
     let uris: Vec<String> = expired
         .iter()
@@ -758,7 +757,7 @@ fn retain_days(
         })
         .collect();
     let job = workload::retention_job(settings, ed, &uris);
-    plan.notices.push(Notice::normal(
+    let notice = Notice::normal(
         "RetentionExpired",
         "Retention",
         format!(
@@ -766,8 +765,8 @@ fn retain_days(
             names.join(", "),
             job.name_any()
         ),
-    ));
-    plan.jobs.push(job);
+    );
+    (job, notice)
 }
 
 /// Why a revision's runtime refused its artifact: a container that exited with the runtime's
