@@ -144,6 +144,10 @@ sim:
 sim-rollout:
     cargo bench --bench rollout
 
+# The int8 matrix product against candle's Q8_0 and F32 kernels, one MiniLM layer on one thread
+bench-matmul:
+    cargo bench --bench matmul
+
 # Runtime benchmark: all-MiniLM Q8_0 served on loopback, loaded by wrk (apt-get install wrk)
 bench-serve seconds="10": fetch-model
     #!/usr/bin/env bash

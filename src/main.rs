@@ -368,6 +368,15 @@ fn run_service<E: std::error::Error>(
 }
 
 fn serve(options: runtime::Options) -> Result<ExitCode, String> {
+    // candle sizes its thread pools from these when a model first runs; an explicit setting
+    // wins.
+    let threads = options.threads_per_pass().to_string();
+    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: start-up, before the async runtime or any other thread exists.
+            unsafe { std::env::set_var(var, &threads) };
+        }
+    }
     let served = block_on(async {
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));

@@ -3,7 +3,10 @@
 -- client-side p50/p99 over all responses (wrk's own histogram), throughput, status counts,
 -- and the p50/p99 of admitted (200) requests from the runtime's Server-Timing header.
 local model = os.getenv("MODEL") or "minilm"
--- Milliseconds each connection waits between requests: an offered rate, not a spin.
+-- Mean milliseconds each connection waits between requests: an offered rate, not a spin.
+-- The waits are exponential (Poisson arrivals), so connections shed together do not retry
+-- together: a fixed wait would keep them in lockstep bursts that leave the replica idle
+-- in between.
 local pace = tonumber(os.getenv("PACE_MS") or "0")
 local path = "/v2/models/" .. model .. "/infer"
 local sentences = {
@@ -21,6 +24,7 @@ function setup(thread)
 end
 
 function init(args)
+  math.randomseed(os.time() + (tonumber(tostring({}):match("0x(%x+)"), 16) or 0))
   counter = 0
   ok_ms = {}
   status_counts = {}
@@ -43,7 +47,8 @@ function response(status, headers, body)
 end
 
 function delay()
-  return pace
+  if pace <= 0 then return 0 end
+  return -pace * math.log(1 - math.random())
 end
 
 local function percentile(sorted, p)

@@ -2,11 +2,11 @@
 //! normalisation, as sentence-transformers computes them. Weights use llama.cpp's GGUF names.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationParams};
 
-use super::{Error, LayerNorm, Linear, Result, Weights, softmax_last_dim};
+use super::{Error, LayerNorm, Linear, Result, Weights, gelu_erf, softmax_last_dim};
 
 /// The hyper-parameters of a BERT encoder (Hugging Face `config.json` field names).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -153,10 +153,8 @@ impl Bert {
                 ..TruncationParams::default()
             }))
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..PaddingParams::default()
-        }));
+        // No padding: batches are packed (see `embed`).
+        tokenizer.with_padding(None);
         let weights = &mut weights;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
@@ -230,44 +228,24 @@ impl Bert {
         self.config.hidden_size
     }
 
-    /// Tokenizes a batch: ids, type ids and attention mask, each `[batch, seq]`.
-    fn tokenize(&self, sentences: &[&str]) -> Result<(Tensor, Tensor, Tensor)> {
+    /// Tokenizes a batch into one packed sequence: every sentence's ids, type ids and
+    /// positions back to back (no padding), and where each sentence starts and ends.
+    fn tokenize(&self, sentences: &[&str]) -> Result<Packed> {
         let encodings = self
             .tokenizer
             .encode_batch(sentences.to_vec(), true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let seq = encodings
-            .iter()
-            .map(|e| e.get_ids().len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut ids = Vec::with_capacity(sentences.len() * seq);
-        let mut types = Vec::with_capacity(sentences.len() * seq);
-        let mut mask = Vec::with_capacity(sentences.len() * seq);
+        let mut packed = Packed::default();
         for e in &encodings {
-            let n = e.get_ids().len();
-            ids.extend(
-                e.get_ids()
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, seq - n)),
-            );
-            types.extend(
-                e.get_type_ids()
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, seq - n)),
-            );
-            mask.extend(
-                e.get_attention_mask()
-                    .iter()
-                    .map(|&m| m as f32)
-                    .chain(std::iter::repeat_n(0.0, seq - n)),
-            );
+            let ids = e.get_ids();
+            let start = packed.ids.len();
+            packed.ids.extend_from_slice(ids);
+            packed.types.extend_from_slice(e.get_type_ids());
+            packed.positions.extend(0..ids.len() as u32);
+            packed.spans.push((start, ids.len()));
         }
-        let shape = (sentences.len(), seq);
-        if let Some(bad) = ids
+        if let Some(bad) = packed
+            .ids
             .iter()
             .find(|&&id| id as usize >= self.config.vocab_size)
         {
@@ -275,82 +253,116 @@ impl Bert {
                 "token id {bad} is outside the vocabulary"
             )));
         }
-        Ok((
-            Tensor::from_vec(ids, shape, &Device::Cpu)?,
-            Tensor::from_vec(types, shape, &Device::Cpu)?,
-            Tensor::from_vec(mask, shape, &Device::Cpu)?,
-        ))
+        if packed.spans.iter().any(|&(_, len)| len == 0) {
+            return Err(Error::Tokenizer("a sentence encoded to no tokens".into()));
+        }
+        Ok(packed)
     }
 
     /// Normalised sentence embeddings, one row per sentence.
+    ///
+    /// The sentences of a batch run packed, not padded: the dense layers see every token of
+    /// the batch as one `[tokens, hidden]` matrix, and only attention runs per sentence. A
+    /// batch thus costs no more than its sentences run one by one, and nothing is spent on
+    /// padding (a batch of 10–13-token sentences padded to 13 did ~13 % more work).
     pub fn embed(&self, sentences: &[&str]) -> Result<Vec<Vec<f32>>> {
         if sentences.is_empty() {
             return Ok(vec![]);
         }
-        let (ids, types, mask) = self.tokenize(sentences)?;
-        let (batch, seq) = ids.dims2()?;
+        let packed = self.tokenize(sentences)?;
+        let tokens = packed.ids.len();
         let h = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
         let head_dim = h / heads;
+        let cpu = &Device::Cpu;
 
-        let positions = Tensor::arange(0u32, seq as u32, &Device::Cpu)?;
-        let x = self
+        let x = (self
             .word
-            .embedding(&ids.flatten_all()?)?
-            .reshape((batch, seq, h))?
-            .broadcast_add(&self.position.embedding(&positions)?)?
-            .add(
-                &self
-                    .token_type
-                    .embedding(&types.flatten_all()?)?
-                    .reshape((batch, seq, h))?,
-            )?;
+            .embedding(&Tensor::new(packed.ids.as_slice(), cpu)?)?
+            + self
+                .position
+                .embedding(&Tensor::new(packed.positions.as_slice(), cpu)?)?)?
+        .add(
+            &self
+                .token_type
+                .embedding(&Tensor::new(packed.types.as_slice(), cpu)?)?,
+        )?;
         let mut x = self.embed_norm.forward(&x)?;
 
-        // Padding positions get -inf-like scores so softmax ignores them.
-        let bias = ((mask.ones_like()? - &mask)? * -1e9f64)?.reshape((batch, 1, 1, seq))?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((batch, seq, heads, head_dim))?
-                .transpose(1, 2)?
+        // [len, hidden] → [heads, len, head_dim]
+        let split = |t: &Tensor, start: usize, len: usize| -> Result<Tensor> {
+            Ok(t.narrow(0, start, len)?
+                .reshape((len, heads, head_dim))?
+                .transpose(0, 1)?
                 .contiguous()?)
         };
         for layer in &self.layers {
-            let q = split(layer.q.forward(&x)?)?;
-            let k = split(layer.k.forward(&x)?)?;
-            let v = split(layer.v.forward(&x)?)?;
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
-            let probs = softmax_last_dim(&scores)?;
-            let context = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((batch, seq, h))?;
+            let q = layer.q.forward(&x)?;
+            let k = layer.k.forward(&x)?;
+            let v = layer.v.forward(&x)?;
+            let contexts = packed
+                .spans
+                .iter()
+                .map(|&(start, len)| {
+                    let (q, k, v) = (
+                        split(&q, start, len)?,
+                        split(&k, start, len)?,
+                        split(&v, start, len)?,
+                    );
+                    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+                    let probs = softmax_last_dim(&scores)?;
+                    Ok(probs
+                        .matmul(&v)?
+                        .transpose(0, 1)?
+                        .contiguous()?
+                        .reshape((len, h))?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let context = Tensor::cat(&contexts, 0)?;
             let attended = layer
                 .attn_norm
                 .forward(&(layer.attn_out.forward(&context)? + &x)?)?;
             let up = layer.up.forward(&attended)?;
             let act = match self.config.hidden_act.as_str() {
                 "relu" => up.relu()?,
-                _ => up.gelu_erf()?,
+                _ => gelu_erf(&up)?,
             };
             x = layer
                 .out_norm
                 .forward(&(layer.down.forward(&act)? + &attended)?)?;
         }
 
-        // Mean pooling over real tokens, then L2 normalisation.
-        let m = mask.unsqueeze(2)?;
-        let summed = x.broadcast_mul(&m)?.sum(1)?;
-        let counts = m.sum(1)?.clamp(1e-9, f64::MAX)?;
-        let mean = summed.broadcast_div(&counts)?;
-        let norm = mean
-            .sqr()?
-            .sum_keepdim(D::Minus1)?
-            .sqrt()?
-            .clamp(1e-12, f64::MAX)?;
-        Ok(mean.broadcast_div(&norm)?.to_dtype(DType::F32)?.to_vec2()?)
+        // Mean pooling over each sentence's tokens, then L2 normalisation.
+        debug_assert_eq!(x.dims2()?, (tokens, h));
+        let rows = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(packed
+            .spans
+            .iter()
+            .map(|&(start, len)| {
+                let mut mean = vec![0f32; h];
+                for row in &rows[start..start + len] {
+                    for (m, v) in mean.iter_mut().zip(row) {
+                        *m += v;
+                    }
+                }
+                let n = len as f32;
+                mean.iter_mut().for_each(|m| *m /= n);
+                let norm = mean.iter().map(|m| m * m).sum::<f32>().sqrt().max(1e-12);
+                mean.iter_mut().for_each(|m| *m /= norm);
+                mean
+            })
+            .collect())
     }
+}
+
+/// A tokenized batch, packed: sentence `i` is tokens `spans[i].0 .. spans[i].0 + spans[i].1`.
+#[derive(Default)]
+struct Packed {
+    ids: Vec<u32>,
+    types: Vec<u32>,
+    positions: Vec<u32>,
+    spans: Vec<(usize, usize)>,
 }
 
 #[cfg(test)]

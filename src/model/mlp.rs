@@ -108,7 +108,7 @@ impl Mlp {
             if i < last {
                 x = match self.config.activation {
                     Activation::Relu => x.relu()?,
-                    Activation::Gelu => x.gelu_erf()?,
+                    Activation::Gelu => super::gelu_erf(&x)?,
                     Activation::Tanh => x.tanh()?,
                     Activation::Sigmoid => (x.neg()?.exp()? + 1.0)?.recip()?,
                 };

@@ -6,6 +6,7 @@
 
 pub mod bert;
 pub mod mlp;
+pub mod q8;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -115,8 +116,32 @@ fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
 /// A dense layer `y = x Wᵀ + b`.
 #[derive(Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Product,
     bias: Option<Tensor>,
+}
+
+/// How a layer multiplies: Kasmina's int8 kernel for Q8_0 weights (see [`q8`]), candle's
+/// matmul for every other dtype.
+#[derive(Clone)]
+enum Product {
+    Q8(Arc<q8::Q8Matrix>),
+    Candle(QMatMul),
+}
+
+impl Product {
+    fn new(weight: Arc<QTensor>) -> Result<Self> {
+        Ok(match q8::Q8Matrix::from_qtensor(&weight)? {
+            Some(matrix) => Self::Q8(Arc::new(matrix)),
+            None => Self::Candle(QMatMul::from_arc(weight)?),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Q8(matrix) => matrix.apply(x)?,
+            Self::Candle(matmul) => x.apply(matmul)?,
+        })
+    }
 }
 
 impl Linear {
@@ -129,7 +154,7 @@ impl Linear {
     ) -> Result<Self> {
         let bias_name = format!("{prefix}.bias");
         Ok(Self {
-            weight: weights.take_matmul(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
+            weight: Product::new(weights.take(&format!("{prefix}.weight"), &[out_dim, in_dim])?)?,
             bias: if weights.contains(&bias_name) {
                 Some(weights.take_dense(&bias_name, &[out_dim])?)
             } else {
@@ -141,13 +166,13 @@ impl Linear {
     /// The same layer with another weight (same shape), e.g. a quantized trial.
     pub fn with_weight(&self, weight: Arc<QTensor>) -> Result<Self> {
         Ok(Self {
-            weight: QMatMul::from_arc(weight)?,
+            weight: Product::new(weight)?,
             bias: self.bias.clone(),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.apply(&self.weight)?;
+        let y = self.weight.forward(x)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -183,6 +208,62 @@ impl LayerNorm {
     }
 }
 
+/// GELU with the exact (erf) form BERT was trained with, `x · (1 + erf(x / √2)) / 2`.
+///
+/// candle's `gelu_erf` calls libm's scalar `erff` (and through it `expf`) per value: 17 % of an
+/// all-MiniLM forward pass once the matrix multiplies were fast. This rational approximation
+/// (Eigen's; GELU within 2e-6 of the libm form) has no calls or branches, so the loop vectorizes.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1_no_bwd(&GeluErf)?)
+}
+
+struct GeluErf;
+
+impl candle_core::CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "kasmina-gelu-erf"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("{}: input must be f32", self.name());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: input must be contiguous", self.name());
+        };
+        let out = data[start..end]
+            .iter()
+            .map(|&x| 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)))
+            .collect();
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// erf(x) as `x · P(x²) / Q(x²)` on [-4, 4] (erf(±4) is ±1 in f32). Plain multiply-adds:
+/// `mul_add` would be a libm call on a CPU baseline without FMA.
+#[inline]
+fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let p = -2.726_142_3e-10_f32;
+    let p = p * x2 + 2.770_681_4e-8;
+    let p = p * x2 + -2.101_024e-6;
+    let p = p * x2 + -5.692_506_4e-5;
+    let p = p * x2 + -7.349_906_3e-4;
+    let p = p * x2 + -2.954_600_1e-3;
+    let p = p * x2 + -1.609_603_3e-2;
+    let q = -1.456_607_2e-5_f32;
+    let q = q * x2 + -2.133_740_6e-4;
+    let q = q * x2 + -1.682_827e-3;
+    let q = q * x2 + -7.373_329_3e-3;
+    let q = q * x2 + -1.426_474e-2;
+    x * p / q
+}
+
 /// Softmax over the last dimension, stable against large logits.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
@@ -203,4 +284,31 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
         return if na == nb { 1.0 } else { 0.0 };
     }
     dot / (na.sqrt() * nb.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_candles_exact_form_everywhere() {
+        let xs: Vec<f32> = (-12_000..=12_000).map(|i| i as f32 / 1000.0).collect();
+        let t = Tensor::from_vec(xs.clone(), xs.len(), &Device::Cpu).unwrap();
+        let ours: Vec<f32> = gelu_erf(&t).unwrap().to_vec1().unwrap();
+        let candle: Vec<f32> = t.gelu_erf().unwrap().to_vec1().unwrap();
+        let worst = ours
+            .iter()
+            .zip(&candle)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+            .fold(0f32, f32::max);
+        assert!(worst < 2e-6, "worst relative error {worst}");
+        // A strided view is read in order.
+        let m =
+            Tensor::from_vec(vec![-2f32, -0.5, 0.0, 0.25, 1.0, 3.0], (2, 3), &Device::Cpu).unwrap();
+        let ours = gelu_erf(&m.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        let candle = m.gelu_erf().unwrap().t().unwrap().to_vec2::<f32>().unwrap();
+        for (a, b) in ours.iter().flatten().zip(candle.iter().flatten()) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
 }

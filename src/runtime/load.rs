@@ -2,7 +2,7 @@
 //! figure the ScalingPolicy controller scales on (DESIGN §4), plus the runtime's metrics.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -80,12 +80,13 @@ pub struct InfoLabels {
 /// The runtime's metrics contract (DESIGN §4) and the counts behind it.
 pub struct Load {
     model: String,
-    capacity: i64,
+    capacity: AtomicI64,
+    capacity_gauge: Gauge,
     queued: AtomicI64,
     inflight: AtomicI64,
     smoothed: Mutex<Smoothed>,
     /// Seconds of compute per item (f64 bits), an exponential average over batches.
-    item_seconds: std::sync::atomic::AtomicU64,
+    item_seconds: AtomicU64,
     inflight_gauge: Gauge,
     queue_gauge: Gauge,
     load_gauge: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -96,13 +97,15 @@ pub struct Load {
 impl Load {
     /// Registers every metric; `capacity` is workers × max batch.
     pub fn new(registry: &mut Registry, info: InfoLabels, capacity: usize, now: Instant) -> Self {
+        let capacity = capacity.max(1) as i64;
         let capacity_gauge: Gauge = Gauge::default();
-        capacity_gauge.set(capacity as i64);
+        capacity_gauge.set(capacity);
         let model_info = Family::<InfoLabels, Gauge>::default();
         model_info.get_or_create(&info).set(1);
         let load = Self {
             model: info.model.clone(),
-            capacity: capacity.max(1) as i64,
+            capacity: AtomicI64::new(capacity),
+            capacity_gauge,
             queued: AtomicI64::new(0),
             inflight: AtomicI64::new(0),
             smoothed: Mutex::new(Smoothed::new(now, SMOOTHING)),
@@ -130,8 +133,8 @@ impl Load {
         );
         registry.register(
             "kasmina_capacity",
-            "Work the replica can hold at once (workers x max batch)",
-            capacity_gauge,
+            "Work the replica can compute at once: workers x the batch size it runs",
+            load.capacity_gauge.clone(),
         );
         registry.register(
             "kasmina_cognitive_load",
@@ -181,28 +184,32 @@ impl Load {
         if items == 0 {
             return;
         }
-        let sample = took.as_secs_f64() / items as f64;
-        let old = f64::from_bits(self.item_seconds.load(Ordering::Relaxed));
-        // The first sample sets the figure; later ones move it a fifth of the way.
-        let new = if old == 0.0 {
-            sample
-        } else {
-            old + (sample - old) * 0.2
-        };
-        self.item_seconds.store(new.to_bits(), Ordering::Relaxed);
+        smooth(&self.item_seconds, took.as_secs_f64() / items as f64);
     }
 
-    /// How long a request arriving now would wait for the work ahead of it.
+    /// How long a request arriving now would wait for a worker: nothing while one is idle;
+    /// otherwise until the work ahead of it has drained through all the workers. Counting
+    /// every held request as a worker's worth of waiting would shed while workers idle.
     pub fn expected_wait(&self, workers: usize) -> Duration {
         let per_item = f64::from_bits(self.item_seconds.load(Ordering::Relaxed));
-        let ahead = (self.queued() + self.inflight()).max(0) as f64;
-        Duration::from_secs_f64(ahead * per_item / workers.max(1) as f64)
+        let workers = workers.max(1) as i64;
+        let ahead = (self.queued() + self.inflight() - workers + 1).max(0) as f64;
+        Duration::from_secs_f64(ahead * per_item / workers as f64)
+    }
+
+    /// The work the replica computes at once changed (the batcher stopped or resumed
+    /// batching): the load is measured against what it really holds.
+    pub fn set_capacity(&self, capacity: usize, now: Instant) {
+        let capacity = capacity.max(1) as i64;
+        self.capacity.store(capacity, Ordering::SeqCst);
+        self.capacity_gauge.set(capacity);
+        self.changed(now);
     }
 
     /// (in-flight + queued) / capacity, unsmoothed.
     pub fn instant_load(&self) -> f64 {
         let held = self.queued.load(Ordering::SeqCst) + self.inflight.load(Ordering::SeqCst);
-        held.max(0) as f64 / self.capacity as f64
+        held.max(0) as f64 / self.capacity.load(Ordering::SeqCst).max(1) as f64
     }
 
     pub fn queued(&self) -> i64 {
@@ -267,6 +274,18 @@ pub fn outcome(status: u16) -> &'static str {
     }
 }
 
+/// Moves an f64 figure stored as bits a fifth of the way to `sample`; the first sample
+/// (the slot still 0) sets it.
+pub(super) fn smooth(slot: &AtomicU64, sample: f64) {
+    let old = f64::from_bits(slot.load(Ordering::Relaxed));
+    let new = if old == 0.0 {
+        sample
+    } else {
+        old + (sample - old) * 0.2
+    };
+    slot.store(new.to_bits(), Ordering::Relaxed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +320,28 @@ mod tests {
     }
 
     #[test]
+    fn a_request_waits_only_once_every_worker_is_busy() {
+        let mut registry = Registry::default();
+        let t0 = Instant::now();
+        let load = Load::new(&mut registry, info(), 16, t0);
+        load.observe_batch(1, Duration::from_millis(10));
+        let wait_ms = |workers| load.expected_wait(workers).as_secs_f64() * 1000.0;
+        load.enqueued(t0);
+        load.dequeued(1, 1, t0);
+        assert_eq!(wait_ms(2), 0.0, "one of two workers is idle");
+        load.enqueued(t0);
+        load.dequeued(1, 1, t0);
+        // Both busy: the first to free up takes it, half an item's time on average of two.
+        assert_eq!(wait_ms(2), 5.0);
+        for _ in 0..4 {
+            load.enqueued(t0);
+        }
+        // Four queued ahead drain through two workers too: 20 ms more.
+        assert_eq!(wait_ms(2), 25.0);
+        assert_eq!(wait_ms(1), 60.0);
+    }
+
+    #[test]
     fn load_counts_queued_and_inflight_against_capacity() {
         let mut registry = Registry::default();
         let t0 = Instant::now();
@@ -316,6 +357,15 @@ mod tests {
         load.dequeued(2, 2, t0);
         load.finished(2, t0);
         assert_eq!(load.instant_load(), 0.0);
+        // One request at a time on 2 workers: 3 held is 1.5 × capacity, not 0.75.
+        load.set_capacity(2, t0);
+        for _ in 0..3 {
+            load.enqueued(t0);
+        }
+        assert_eq!(load.instant_load(), 1.5);
+        load.dequeued(3, 3, t0);
+        load.finished(3, t0);
+        load.set_capacity(4, t0);
         // Smoothed: held 1.5 then 1.25 for no time, so the average is still 0 at t0…
         assert!(load.refresh(t0) < 1e-9);
 
