@@ -119,18 +119,7 @@ impl Q8Rows {
         );
         let mut quants = vec![0i8; x.len()];
         let mut scales = vec![0f32; x.len() / BLOCK];
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2 and FMA; the lengths match by construction.
-            unsafe { avx::quantize(x, &mut quants, &mut scales) };
-            return Self {
-                rows: x.len() / cols,
-                cols,
-                quants,
-                scales,
-            };
-        }
-        portable::quantize(x, &mut quants, &mut scales);
+        quantize_blocks(x, &mut quants, &mut scales);
         Self {
             rows: x.len() / cols,
             cols,
@@ -138,6 +127,17 @@ impl Q8Rows {
             scales,
         }
     }
+}
+
+/// Quantizes whole blocks of `x` into `quants` and one scale each, on the fastest path.
+fn quantize_blocks(x: &[f32], quants: &mut [i8], scales: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; the lengths match by construction.
+        unsafe { avx::quantize(x, quants, scales) };
+        return;
+    }
+    portable::quantize(x, quants, scales);
 }
 
 #[cfg(target_arch = "x86_64")]

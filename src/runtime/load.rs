@@ -80,8 +80,8 @@ pub struct InfoLabels {
 /// The runtime's metrics contract (DESIGN §4) and the counts behind it.
 pub struct Load {
     model: String,
-    capacity: AtomicI64,
-    capacity_gauge: Gauge,
+    /// Workers × the batch size they run; the exported gauge is the only copy.
+    capacity: Gauge,
     queued: AtomicI64,
     inflight: AtomicI64,
     smoothed: Mutex<Smoothed>,
@@ -97,15 +97,13 @@ pub struct Load {
 impl Load {
     /// Registers every metric; `capacity` is workers × max batch.
     pub fn new(registry: &mut Registry, info: InfoLabels, capacity: usize, now: Instant) -> Self {
-        let capacity = capacity.max(1) as i64;
         let capacity_gauge: Gauge = Gauge::default();
-        capacity_gauge.set(capacity);
+        capacity_gauge.set(capacity.max(1) as i64);
         let model_info = Family::<InfoLabels, Gauge>::default();
         model_info.get_or_create(&info).set(1);
         let load = Self {
             model: info.model.clone(),
-            capacity: AtomicI64::new(capacity),
-            capacity_gauge,
+            capacity: capacity_gauge,
             queued: AtomicI64::new(0),
             inflight: AtomicI64::new(0),
             smoothed: Mutex::new(Smoothed::new(now, SMOOTHING)),
@@ -134,7 +132,7 @@ impl Load {
         registry.register(
             "kasmina_capacity",
             "Work the replica can compute at once: workers x the batch size it runs",
-            load.capacity_gauge.clone(),
+            load.capacity.clone(),
         );
         registry.register(
             "kasmina_cognitive_load",
@@ -200,16 +198,14 @@ impl Load {
     /// The work the replica computes at once changed (the batcher stopped or resumed
     /// batching): the load is measured against what it really holds.
     pub fn set_capacity(&self, capacity: usize, now: Instant) {
-        let capacity = capacity.max(1) as i64;
-        self.capacity.store(capacity, Ordering::SeqCst);
-        self.capacity_gauge.set(capacity);
+        self.capacity.set(capacity.max(1) as i64);
         self.changed(now);
     }
 
     /// (in-flight + queued) / capacity, unsmoothed.
     pub fn instant_load(&self) -> f64 {
         let held = self.queued.load(Ordering::SeqCst) + self.inflight.load(Ordering::SeqCst);
-        held.max(0) as f64 / self.capacity.load(Ordering::SeqCst).max(1) as f64
+        held.max(0) as f64 / self.capacity.get().max(1) as f64
     }
 
     pub fn queued(&self) -> i64 {
