@@ -207,6 +207,7 @@ fn main() {
             name: Some("minilm".into()),
             version: "bench".into(),
             threads: 2,
+            replace: false,
         };
         match runtime.block_on(artifact::build(&options)) {
             Ok(outcome) => {

@@ -164,9 +164,14 @@ struct BuildArgs {
     /// Fail when 1 − min cosine against the source exceeds this.
     #[arg(long, default_value_t = 0.02)]
     max_quality_loss: f64,
-    /// Output folder (must not exist) or object-store URI.
+    /// Output folder or object-store URI; it must hold no artifact yet, unless --replace.
     #[arg(long)]
     out: String,
+    /// Replace an artifact already at --out (what the operator's build Jobs do: the folder of
+    /// a revision is theirs, and a retried or repeated build must succeed). Anything there
+    /// that is not an artifact is never replaced.
+    #[arg(long)]
+    replace: bool,
     /// Ed25519 private key (PEM) to sign the manifest with.
     #[arg(long)]
     sign_key: Option<PathBuf>,
@@ -258,14 +263,20 @@ fn build(args: BuildArgs) -> Result<ExitCode, String> {
         threads: args
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        replace: args.replace,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("starting the async runtime: {e}"))?;
-    let outcome = runtime
-        .block_on(artifact::build(&options))
-        .map_err(|e| telemetry::error_chain(&e))?;
+    let outcome = runtime.block_on(artifact::build(&options)).map_err(|e| {
+        let message = telemetry::error_chain(&e);
+        // The Job's termination message: the operator shows it in the EdgeDeployment's status.
+        if let Some(path) = &options.termination_log {
+            artifact::write_failure(path, &message);
+        }
+        message
+    })?;
     let s = &outcome.summary;
     println!(
         "built {} {} → {}\n  digest {}\n  {} → {} bytes ({:.1}%), {} {:?}\n  quality: min cosine {:.5} (loss {:.5}) over {} samples\n  signed: {}, encrypted: {}",
@@ -352,11 +363,14 @@ fn keygen(out: &std::path::Path, encryption: bool) -> Result<ExitCode, String> {
 
 /// Runs `work` to its end on a multi-threaded async runtime.
 fn block_on<T>(work: impl Future<Output = T>) -> Result<T, String> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("starting the async runtime: {e}"))?
-        .block_on(work))
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    let out = runtime.block_on(work);
+    // A blocking task still running (a DNS lookup, a file read) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(out)
 }
 
 /// Runs a long-lived service (controller, runtime) on a multi-threaded async runtime.

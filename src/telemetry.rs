@@ -115,30 +115,34 @@ pub async fn serve(
         .await
 }
 
-/// Cancels `token` on SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C).
+/// Cancels `token` on SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C); a second
+/// signal ends the process at once, without waiting for the drain.
 pub async fn cancel_on_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .inspect_err(|error| tracing::warn!(%error, "cannot listen for SIGTERM"))
+        .ok();
+    for signals in 0.. {
+        #[cfg(unix)]
+        match term.as_mut() {
+            Some(term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            },
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        if signals == 0 {
+            tracing::info!("shutting down");
+            token.cancel();
+        } else {
+            tracing::warn!("second signal: exiting without finishing the drain");
+            std::process::exit(1);
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
-    token.cancel();
 }
 
 /// An error with its causes, each said once: "GET …: error sending request: Connection refused".

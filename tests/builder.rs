@@ -401,13 +401,86 @@ fn bad_input_fails_clearly_and_leaves_nothing_behind() {
             leftovers(&scratch.0)
         );
     }
-    // An existing output is never overwritten.
+    // An existing output is never overwritten without --replace.
     std::fs::create_dir(&out).unwrap();
     let err = build(&options(&good, Architecture::Mlp, &out))
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("already exists"), "{err}");
+    assert!(
+        err.contains("already exists") && err.contains("--replace"),
+        "{err}"
+    );
+}
+
+/// What the operator's build Jobs rely on: a retried attempt, or the same revision built again
+/// for an EdgeDeployment made anew, replaces the artifact at its path; a folder that is not an
+/// artifact is never replaced.
+#[test]
+fn replace_rebuilds_over_an_artifact_and_never_over_anything_else() {
+    let scratch = Scratch::new("replace");
+    let source = scratch.0.join("mlp.safetensors");
+    tiny_mlp(&source, &[8, 16, 4], 3);
+    let out = scratch.0.join("artifact");
+    let first = build(&options(&source, Architecture::Mlp, &out)).unwrap();
+    std::fs::write(out.join("stale-extra-file"), b"x").unwrap();
+    let mut again = options(&source, Architecture::Mlp, &out);
+    again.replace = true;
+    let second = build(&again).unwrap();
+    assert_eq!(first.digest, second.digest, "same inputs, same artifact");
+    assert!(!out.join("stale-extra-file").exists(), "replaced whole");
+    let mut entries: Vec<String> = std::fs::read_dir(&scratch.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries,
+        ["artifact", "mlp.safetensors"],
+        "nothing staged or set aside is left"
+    );
+
+    let other = scratch.0.join("photos");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("holiday.jpg"), b"not a model").unwrap();
+    let mut over = options(&source, Architecture::Mlp, &other);
+    over.replace = true;
+    let err = build(&over).err().unwrap().to_string();
+    assert!(err.contains("is not an artifact"), "{err}");
+    assert!(other.join("holiday.jpg").exists(), "nothing touched");
+}
+
+/// A failed build says why in its termination message, which the operator puts in status.
+#[test]
+fn a_failed_build_writes_its_reason_to_the_termination_log() {
+    let scratch = Scratch::new("termination");
+    let log = scratch.0.join("termination-log");
+    let missing = scratch.0.join("no-such-model");
+    let build_from = |source: &Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kasmina"))
+            .args(["build", "--architecture", "bert", "--source"])
+            .arg(source)
+            .arg("--out")
+            .arg(scratch.0.join("out"))
+            .arg("--termination-log")
+            .arg(&log)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let message = build_from(&missing);
+    assert!(
+        message.contains("no-such-model") && message.contains("No such file"),
+        "{message}"
+    );
+    // An empty folder is what a missing hostPath source looks like inside a pod.
+    std::fs::create_dir(&missing).unwrap();
+    let message = build_from(&missing);
+    assert!(
+        message.contains("the model is not found there"),
+        "{message}"
+    );
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -534,7 +534,7 @@ async fn failed_analysis_rolls_back_to_stable() {
         kasmina::api::edge_deployment::RolloutOutcome::RolledBack
     );
     assert!(
-        record.reason.contains("error rate 0.400 > 0.050"),
+        record.reason.contains("errorRate 0.400 > max 0.050"),
         "{}",
         record.reason
     );

@@ -554,6 +554,72 @@ async fn shutdown_turns_readiness_off_and_finishes_every_admitted_request() {
     );
 }
 
+/// Reads one HTTP/1.1 response (head and Content-Length body) from a kept-alive connection.
+async fn read_response(conn: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut raw = vec![];
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            conn.read(&mut byte).await.unwrap(),
+            1,
+            "the response head ended early"
+        );
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body).await.unwrap();
+    head
+}
+
+/// A draining replica closes kept-alive connections after each answer, so clients reconnect
+/// through the Service to a replica that stays (found on a real cluster: after a blue-green
+/// switch, keep-alive clients stayed on the old revision until its pods went away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_answers_close_kept_alive_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (model, _started, _release) = gated();
+    let mut l = limits(one_at_a_time(8));
+    l.drain_delay = Duration::from_secs(2);
+    let server = start(model, l, None).await;
+    let a = server.addr;
+    let ask = b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\n\r\n";
+    let mut conn = TcpStream::connect(a).await.unwrap();
+    conn.write_all(ask).await.unwrap();
+    let head = read_response(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        !head.contains("connection: close"),
+        "kept alive while serving: {head}"
+    );
+
+    server.shutdown.cancel();
+    let mut ready = get(a, "/v2/health/ready").await;
+    while ready.status != 503 {
+        tokio::task::yield_now().await;
+        ready = get(a, "/v2/health/ready").await;
+    }
+    conn.write_all(ask).await.unwrap();
+    let head = read_response(&mut conn).await;
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "still answered while draining: {head}"
+    );
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        conn.read(&mut rest).await.unwrap(),
+        0,
+        "the server closed the connection"
+    );
+    server.task.await.unwrap().unwrap();
+}
+
 // ---------- authentication ----------
 
 fn pem(label: &str, der: &[u8]) -> String {

@@ -96,6 +96,8 @@ pub struct BuildOptions {
     pub name: Option<String>,
     pub version: String,
     pub threads: usize,
+    /// Replace an artifact already at `out` (never anything that is not an artifact).
+    pub replace: bool,
 }
 
 /// What a build produced.
@@ -421,7 +423,7 @@ pub async fn build(options: &BuildOptions) -> Result<BuildOutcome, Error> {
             EncryptionKey::from_base64(&read_text(p)?, &p.display().to_string()).map_err(Error::Key)
         })
         .transpose()?;
-    let output = Output::prepare(&options.out)?;
+    let output = Output::prepare(&options.out, options.replace).await?;
 
     let files = source::fetch(&options.source).await?;
     let prepared = prepare(&files, options.architecture)?;
@@ -626,11 +628,27 @@ fn write_termination_log(path: &Path, summary: &Summary) -> Result<(), Error> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
+/// Writes why a build failed as its termination message (best effort: the exit code says it
+/// failed anyway), cut to Kubernetes' 4 KiB.
+pub fn write_failure(path: &Path, message: &str) {
+    let mut text = message.to_owned();
+    if text.len() > 4096 {
+        let mut end = 4096;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    let _ = std::fs::write(path, text);
+}
+
 /// Where the artifact goes: a local folder (staged beside it, renamed at the end) or an
 /// object-store prefix (staged in a temporary folder, uploaded at the end).
 struct Output {
     staging: TempDir,
     target: Target,
+    /// The objects of the remote artifact being replaced.
+    replaces: Vec<object_store::path::Path>,
 }
 
 enum Target {
@@ -667,17 +685,11 @@ pub async fn delete(uri: &str) -> Result<usize, Error> {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         return Ok(files);
     }
-    use futures::TryStreamExt;
     use object_store::ObjectStoreExt;
     let failed = |e: object_store::Error| Error::Output(format!("{uri}: {e}"));
+    let objects = remote_objects(uri).await?;
     let url = url::Url::parse(uri).map_err(|e| Error::Output(format!("{uri}: {e}")))?;
-    let (store, prefix) = source::open_store(&url).map_err(failed)?;
-    let objects: Vec<object_store::path::Path> = store
-        .list(Some(&prefix))
-        .map_ok(|meta| meta.location)
-        .try_collect()
-        .await
-        .map_err(failed)?;
+    let (store, _) = source::open_store(&url).map_err(failed)?;
     if objects.is_empty() {
         return Ok(0);
     }
@@ -691,51 +703,77 @@ pub async fn delete(uri: &str) -> Result<usize, Error> {
 }
 
 impl Output {
-    fn prepare(out: &str) -> Result<Self, Error> {
-        let local = local_dir(out);
-        match local {
-            Some(dir) => {
-                if dir.exists() {
-                    return Err(Error::Output(format!(
-                        "{}: already exists; remove it or choose another --out",
-                        dir.display()
-                    )));
+    /// Where the build stages its files. An artifact already at `out` is an error unless
+    /// `replace`; anything there that is not an artifact is never replaced.
+    async fn prepare(out: &str, replace: bool) -> Result<Self, Error> {
+        let not_artifact = || {
+            Error::Output(format!(
+                "{out}: already exists and is not an artifact; remove it or choose another --out"
+            ))
+        };
+        let exists = || {
+            Error::Output(format!(
+                "{out}: already exists; remove it, choose another --out, or pass --replace"
+            ))
+        };
+        let Some(dir) = local_dir(out) else {
+            let existing = remote_objects(out).await?;
+            if !existing.is_empty() {
+                if !existing.iter().any(|o| o.filename() == Some(MANIFEST_FILE)) {
+                    return Err(not_artifact());
                 }
-                let parent = dir
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| Error::Output(format!("{}: {e}", parent.display())))?;
-                let staging = parent.join(format!(
-                    ".{}.partial-{}",
-                    dir.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    source::unique()
-                ));
-                std::fs::create_dir(&staging).map_err(|e| {
-                    Error::Output(format!("{}: not writable: {e}", parent.display()))
-                })?;
-                Ok(Self {
-                    staging: TempDir(staging),
-                    target: Target::Local(dir),
-                })
+                if !replace {
+                    return Err(exists());
+                }
             }
-            None => Ok(Self {
+            return Ok(Self {
                 staging: TempDir::new("kasmina-artifact")?,
                 target: Target::Remote(out.to_owned()),
-            }),
+                replaces: existing,
+            });
+        };
+        if dir.exists() {
+            let empty = std::fs::read_dir(&dir).is_ok_and(|mut e| e.next().is_none());
+            if !empty && !dir.join(MANIFEST_FILE).is_file() {
+                return Err(not_artifact());
+            }
+            if !replace {
+                return Err(exists());
+            }
         }
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::Output(format!("{}: {e}", parent.display())))?;
+        let staging = beside(&dir, "partial");
+        std::fs::create_dir(&staging)
+            .map_err(|e| Error::Output(format!("{}: not writable: {e}", parent.display())))?;
+        Ok(Self {
+            staging: TempDir(staging),
+            target: Target::Local(dir),
+            replaces: vec![],
+        })
     }
 
     async fn commit(self) -> Result<String, Error> {
         match &self.target {
             Target::Local(dir) => {
+                // The old artifact moves aside first, so the new one lands whole or not at all.
+                let aside = beside(dir, "replaced");
+                let replaced = dir.exists();
+                if replaced {
+                    std::fs::rename(dir, &aside)
+                        .map_err(|e| Error::Output(format!("{}: {e}", dir.display())))?;
+                }
                 std::fs::rename(&self.staging.0, dir)
                     .map_err(|e| Error::Output(format!("{}: {e}", dir.display())))?;
                 // Renamed away: nothing left for the guard to remove.
                 std::mem::forget(self.staging);
+                if replaced {
+                    std::fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
+                }
                 Ok(dir.display().to_string())
             }
             Target::Remote(uri) => {
@@ -743,6 +781,7 @@ impl Output {
                 let url = url::Url::parse(uri).map_err(|e| Error::Output(format!("{uri}: {e}")))?;
                 let (store, prefix) =
                     source::open_store(&url).map_err(|e| Error::Output(format!("{uri}: {e}")))?;
+                let mut written = vec![];
                 for entry in
                     std::fs::read_dir(&self.staging.0).map_err(|e| Error::io(&self.staging.0, e))?
                 {
@@ -752,8 +791,17 @@ impl Output {
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default();
                     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+                    let location = prefix.clone().join(name);
                     store
-                        .put(&prefix.clone().join(name), bytes.into())
+                        .put(&location, bytes.into())
+                        .await
+                        .map_err(|e| Error::Output(format!("{uri}: {e}")))?;
+                    written.push(location);
+                }
+                // What the replaced artifact had and this one has not (a signature, say).
+                for stale in self.replaces.iter().filter(|o| !written.contains(o)) {
+                    store
+                        .delete(stale)
                         .await
                         .map_err(|e| Error::Output(format!("{uri}: {e}")))?;
                 }
@@ -761,6 +809,30 @@ impl Output {
             }
         }
     }
+}
+
+/// A hidden, unique sibling of `dir` (`.<name>.<what>-<n>`), on the same file system so a
+/// rename to or from it is atomic.
+fn beside(dir: &Path, what: &str) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.with_file_name(format!(".{name}.{what}-{}", source::unique()))
+}
+
+/// The objects under an object-store prefix.
+async fn remote_objects(uri: &str) -> Result<Vec<object_store::path::Path>, Error> {
+    use futures::TryStreamExt;
+    let failed = |e: object_store::Error| Error::Output(format!("{uri}: {e}"));
+    let url = url::Url::parse(uri).map_err(|e| Error::Output(format!("{uri}: {e}")))?;
+    let (store, prefix) = source::open_store(&url).map_err(failed)?;
+    store
+        .list(Some(&prefix))
+        .map_ok(|meta| meta.location)
+        .try_collect()
+        .await
+        .map_err(failed)
 }
 
 /// What `verify` checked.

@@ -179,10 +179,13 @@ pub fn locate(path: &Path, download: Option<TempDir>) -> Result<ModelFiles, Erro
             .collect();
         found.sort();
         if found.is_empty() {
-            return Err(Error::Source(format!(
-                "{}: no .safetensors file",
-                path.display()
-            )));
+            // A hostPath source missing on the node is mounted as an empty folder.
+            let what = if std::fs::read_dir(path).is_ok_and(|mut e| e.next().is_none()) {
+                "an empty folder: the model is not found there"
+            } else {
+                "no .safetensors file"
+            };
+            return Err(Error::Source(format!("{}: {what}", path.display())));
         }
         found
     };

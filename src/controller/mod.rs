@@ -8,6 +8,7 @@ pub mod context;
 pub mod edge_deployment;
 pub mod leader;
 pub mod scaling_policy;
+pub mod shutdown;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -43,7 +44,9 @@ pub struct Config {
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
 
-    /// This replica's identity in the election; defaults to the pod name or host name.
+    /// Who this replica is in the election and its Events: the pod name (or host name), to
+    /// which each process adds a suffix of its own, so a container restarted in the same pod
+    /// is a new candidate and waits for the lease like any other, as client-go's are.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 
@@ -58,6 +61,12 @@ pub struct Config {
     /// How often the leader renews and standbys look at the lease.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub retry_period: std::time::Duration,
+
+    /// After SIGTERM: the longest the replica takes to finish running reconciles, hand the
+    /// lease over and stop its servers before it exits anyway. Keep it under the pod's
+    /// terminationGracePeriodSeconds (the chart: 30 s).
+    #[arg(long, env = "KASMINA_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: std::time::Duration,
 
     /// The image of build Jobs and runtime pods (it holds `kasmina build` and `kasmina serve`);
     /// the chart sets it to the operator's own image.
@@ -264,6 +273,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let health = Arc::new(Health::default());
     let shutdown = CancellationToken::new();
     tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
+    shutdown::watchdog(shutdown.clone(), config.drain_timeout);
+    let drain = Drain::new(config.drain_timeout);
 
     let listener = tokio::net::TcpListener::bind(config.metrics_addr)
         .await
@@ -311,7 +322,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Standby replicas are ready too: they are healthy and take over when the leader goes.
     health.set_ready(true);
 
-    let identity = config.identity.clone().unwrap_or_else(default_identity);
+    let identity = process_identity(
+        config.identity.as_deref(),
+        std::time::SystemTime::now(),
+        std::process::id(),
+    );
     let settings = Settings {
         image: config.image.clone(),
         artifact_store: config.artifact_store.clone(),
@@ -339,25 +354,54 @@ pub async fn run(config: Config) -> Result<(), Error> {
             timing,
             clock,
         );
-        lead(&elector, ctx, settings, &metrics, &shutdown).await
+        lead(&elector, ctx, settings, &metrics, &shutdown, &drain).await
     } else {
         metrics.set_leader(true);
-        run_controllers(ctx, settings, shutdown.clone()).await;
+        run_controllers(ctx, settings, shutdown.clone(), drain.reconciles).await;
         Ok(())
     };
 
     health.set_ready(false);
     shutdown.cancel();
-    if let Ok(Err(source)) = http.await {
-        tracing::warn!(%source, "metrics server");
+    match shutdown::within_grace(http, &shutdown, drain.servers).await {
+        Some(Ok(Err(source))) => tracing::warn!(%source, "metrics server"),
+        None => tracing::warn!("the metrics server did not stop in time"),
+        Some(_) => {}
     }
-    if let Some(webhook) = webhook
-        && let Ok(Err(error)) = webhook.await
-    {
-        tracing::error!(%error, "admission webhook");
-        return result.and(Err(Error::Webhook(error)));
+    if let Some(webhook) = webhook {
+        match shutdown::within_grace(webhook, &shutdown, drain.servers).await {
+            Some(Ok(Err(error))) => {
+                tracing::error!(%error, "admission webhook");
+                return result.and(Err(Error::Webhook(error)));
+            }
+            None => tracing::warn!("the webhook server did not stop in time"),
+            Some(_) => {}
+        }
     }
+    tracing::info!("stopped");
     result
+}
+
+/// How the drain timeout is shared out after SIGTERM; the watchdog ends the process at the
+/// whole of it.
+#[derive(Clone, Copy, Debug)]
+struct Drain {
+    /// Running reconciles finish (then they are abandoned).
+    reconciles: std::time::Duration,
+    /// Handing the lease over: one read and one write.
+    release: std::time::Duration,
+    /// Each HTTP server's graceful stop.
+    servers: std::time::Duration,
+}
+
+impl Drain {
+    fn new(total: std::time::Duration) -> Self {
+        Self {
+            reconciles: total.mul_f64(0.6),
+            release: total.mul_f64(0.15),
+            servers: total.mul_f64(0.1),
+        }
+    }
 }
 
 /// Waits to lead, runs the controllers while leading, and releases the lease on shutdown.
@@ -367,22 +411,36 @@ async fn lead(
     settings: Settings,
     metrics: &Metrics,
     shutdown: &CancellationToken,
+    drain: &Drain,
 ) -> Result<(), Error> {
     if !elector.acquire(shutdown).await {
         return Ok(());
     }
     metrics.set_leader(true);
     let leading = shutdown.child_token();
-    let controllers = tokio::spawn(run_controllers(ctx, settings, leading.clone()));
+    let controllers = tokio::spawn(run_controllers(
+        ctx,
+        settings,
+        leading.clone(),
+        drain.reconciles,
+    ));
     let held = elector.hold(&leading).await;
-    // Stop reconciling first (running reconciles finish), then hand the lease over.
+    // Stop reconciling first (running reconciles finish, within their share of the drain),
+    // then hand the lease over.
     leading.cancel();
     let _ = controllers.await;
     metrics.set_leader(false);
     match held {
         Held::Stopped => {
-            if let Err(error) = elector.release().await {
-                tracing::warn!(%error, "could not release the lease; a standby takes over when it expires");
+            match tokio::time::timeout(drain.release, elector.release()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(
+                    %error,
+                    "could not release the lease; a standby takes over when it expires"
+                ),
+                Err(_) => tracing::warn!(
+                    "the lease release got no answer in time; a standby takes over when it expires"
+                ),
             }
             Ok(())
         }
@@ -390,25 +448,70 @@ async fn lead(
     }
 }
 
-/// Runs the three controllers until `stop` fires, then lets their running reconciles finish.
-async fn run_controllers(ctx: Arc<Context>, settings: Settings, stop: CancellationToken) {
+/// Runs the three controllers until `stop` fires, then lets their running reconciles finish
+/// for at most `grace` (a controller whose caches never synced would wait forever).
+async fn run_controllers(
+    ctx: Arc<Context>,
+    settings: Settings,
+    stop: CancellationToken,
+    grace: std::time::Duration,
+) {
     tracing::info!("starting controllers");
     let edge = Arc::new(edge_deployment::reconcile::EdgeContext::new(
         ctx.clone(),
         settings,
     ));
-    tokio::join!(
-        edge_deployment::run(edge, stop.clone().cancelled_owned()),
-        scaling_policy::run(
-            Arc::new(scaling_policy::reconcile::ScalingContext::new(ctx.clone())),
-            stop.clone().cancelled_owned()
+    let all = async {
+        tokio::join!(
+            edge_deployment::run(edge, stop.clone().cancelled_owned()),
+            scaling_policy::run(
+                Arc::new(scaling_policy::reconcile::ScalingContext::new(ctx.clone())),
+                stop.clone().cancelled_owned()
+            ),
+            compliance_profile::run(ctx, stop.clone().cancelled_owned()),
+        )
+    };
+    match shutdown::within_grace(all, &stop, grace).await {
+        Some(_) => tracing::info!("controllers stopped"),
+        None => tracing::warn!(
+            ?grace,
+            "controllers did not stop in time (caches never synced, or reconciles still \
+             running); abandoned"
         ),
-        compliance_profile::run(ctx, stop.cancelled_owned()),
-    );
-    tracing::info!("controllers stopped");
+    }
 }
 
-fn default_identity() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "kasmina".into());
-    format!("{host}-{}", std::process::id())
+/// `<pod or host name>_<suffix>`: the suffix differs for every process started, so the
+/// holder of a Lease names the process that holds its state in memory.
+fn process_identity(base: Option<&str>, started: std::time::SystemTime, pid: u32) -> String {
+    let base = base
+        .map(str::to_owned)
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "kasmina".into());
+    let nanos = started
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let suffix = edge_deployment::plan::fnv1a64(format!("{pid}/{nanos}").as_bytes());
+    format!("{base}_{:08x}", suffix as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found on a real cluster: a leader SIGKILLed and restarted in its pod came back under the
+    /// same name and went on as leader at once, as if nothing had happened.
+    #[test]
+    fn a_restarted_process_is_a_new_candidate() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let first = process_identity(Some("kasmina-7d9-abcde"), t, 1);
+        let again = process_identity(
+            Some("kasmina-7d9-abcde"),
+            t + std::time::Duration::from_secs(2),
+            1,
+        );
+        assert!(first.starts_with("kasmina-7d9-abcde_"), "{first}");
+        assert_ne!(first, again, "same pod, new process, new identity");
+        assert_eq!(first, process_identity(Some("kasmina-7d9-abcde"), t, 1));
+    }
 }

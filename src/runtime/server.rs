@@ -120,6 +120,14 @@ async fn record(Extract(state): Extract<State>, request: Request, next: Next) ->
         request.method() == axum::http::Method::POST && request.uri().path().ends_with("/infer");
     let started = Instant::now();
     let mut response = next.run(request).await;
+    // Draining (SIGTERM): every answer closes its connection, so keep-alive clients open a
+    // new one, which the Service sends to a replica that is not leaving. Without it a client
+    // stays on this pod until it exits and its next request on the old connection fails.
+    if !state.health.is_ready() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if is_infer {
         let status = response.status().as_u16();
         let seconds = started.elapsed().as_secs_f64();

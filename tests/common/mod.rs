@@ -228,6 +228,7 @@ pub fn options(
         name: Some("test".into()),
         version: "1.0.0".into(),
         threads: 2,
+        replace: false,
     }
 }
 

@@ -135,11 +135,12 @@ pub fn judge(
     let mut failures = vec![];
     for check in checks {
         let value = c.value(check.metric);
-        let name = metric_name(check.metric);
+        // The check as the spec names it, so the reason points at what to change.
+        let name = metric_key(check.metric);
         if let Some(max) = check.max
             && value > max
         {
-            failures.push(format!("{name} {} > {}", fmt(value), fmt(max)));
+            failures.push(format!("{name} {} > max {}", fmt(value), fmt(max)));
         }
         if let (Some(factor), Some(s)) = (check.max_relative_to_stable, stable) {
             let base = s.value(check.metric);
@@ -147,7 +148,7 @@ pub fn judge(
             // absolute limit is the right tool there.
             if base > 0.0 && value > base * factor {
                 failures.push(format!(
-                    "{name} {} > {factor}× stable {}",
+                    "{name} {} > maxRelativeToStable {factor} × stable {}",
                     fmt(value),
                     fmt(base)
                 ));
@@ -305,16 +306,6 @@ fn metric_key(m: AnalysisMetric) -> &'static str {
     }
 }
 
-fn metric_name(m: AnalysisMetric) -> &'static str {
-    match m {
-        AnalysisMetric::ErrorRate => "error rate",
-        AnalysisMetric::LatencyP50Ms => "p50 latency ms",
-        AnalysisMetric::LatencyP95Ms => "p95 latency ms",
-        AnalysisMetric::LatencyP99Ms => "p99 latency ms",
-        AnalysisMetric::CognitiveLoad => "cognitive load",
-    }
-}
-
 fn fmt(v: f64) -> String {
     if v.abs() >= 10.0 {
         format!("{v:.0}")
@@ -415,8 +406,11 @@ mod tests {
         else {
             panic!("should fail")
         };
-        assert!(why.contains("error rate 0.200 > 0.050"), "{why}");
-        assert!(why.contains("p99 latency ms 50 > 1.5× stable 30"), "{why}");
+        assert!(why.contains("errorRate 0.200 > max 0.050"), "{why}");
+        assert!(
+            why.contains("latencyP99Ms 50 > maxRelativeToStable 1.5 × stable 30"),
+            "{why}"
+        );
         assert_eq!(judge(&checks, None, None), Measurement::Inconclusive);
         // No stable traffic: only the absolute limit applies.
         assert_eq!(judge(&checks, Some(&w(0.0, 90.0)), None), Measurement::Pass);

@@ -126,14 +126,19 @@ pub fn up_to_date<K: Resource>(live: &K, desired: &K) -> bool {
 
 /// A host folder for a `file://` URI, as a volume and its mount at the same path (None for
 /// other schemes).
-fn host_path(name: &str, uri: &str, type_: &str, read_only: bool) -> Option<(Volume, VolumeMount)> {
+fn host_path(
+    name: &str,
+    uri: &str,
+    type_: Option<&str>,
+    read_only: bool,
+) -> Option<(Volume, VolumeMount)> {
     let path = uri.strip_prefix("file://")?;
     Some((
         Volume {
             name: name.into(),
             host_path: Some(HostPathVolumeSource {
                 path: path.to_owned(),
-                type_: Some(type_.into()),
+                type_: type_.map(str::to_owned),
             }),
             ..Volume::default()
         },
@@ -150,7 +155,7 @@ fn store_volume(settings: &Settings) -> Option<(Volume, VolumeMount)> {
     host_path(
         "artifacts",
         &settings.artifact_store,
-        "DirectoryOrCreate",
+        Some("DirectoryOrCreate"),
         false,
     )
 }
@@ -213,6 +218,9 @@ pub fn build_job(
         spec.model.version.clone(),
         "--out".into(),
         artifact_uri(settings, ed, revision),
+        // The revision's folder is this Job's: a retried attempt, or the same revision built
+        // again for an EdgeDeployment made anew, replaces what is there.
+        "--replace".into(),
         "--termination-log".into(),
         "/dev/termination-log".into(),
     ];
@@ -232,15 +240,13 @@ pub fn build_job(
     }
     let (key_args, keys) = security::build_keys(security.needs, security.keys.as_ref());
     args.extend(key_args);
-    // A file:// source is a folder on the node (or a PVC the cluster mounts at that path).
+    // A file:// source is a folder or a file on the node (or a PVC the cluster mounts at that
+    // path). No hostPath type: `Directory` would refuse a single-file source, and a missing
+    // path would leave the pod waiting on its mount forever instead of failing the build
+    // with the builder's message (the node mounts an empty folder there).
     let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) = store_volume(settings)
         .into_iter()
-        .chain(host_path(
-            "source",
-            &spec.model.source.uri,
-            "Directory",
-            true,
-        ))
+        .chain(host_path("source", &spec.model.source.uri, None, true))
         .chain(keys)
         .unzip();
     let secrets = spec
@@ -440,6 +446,9 @@ pub fn runtime_deployment(
                         ports: Some(vec![ContainerPort {
                             name: Some("http".into()),
                             container_port: RUNTIME_PORT,
+                            // A list key of server-side apply; servers before 1.21 refuse
+                            // an apply that omits it.
+                            protocol: Some("TCP".into()),
                             ..ContainerPort::default()
                         }]),
                         readiness_probe: Some(probe("/v2/health/ready", 2)),
@@ -484,6 +493,8 @@ pub fn service(ed: &EdgeDeployment, name: String, revision: Option<&str>) -> Ser
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: SERVICE_PORT,
+                // A list key of server-side apply (see the container port).
+                protocol: Some("TCP".into()),
                 target_port: Some(IntOrString::String("http".into())),
                 ..ServicePort::default()
             }]),
@@ -539,6 +550,7 @@ mod tests {
             "{args}"
         );
         assert!(args.contains("--termination-log /dev/termination-log"));
+        assert!(args.contains(" --replace "), "{args}");
         let secrets: Vec<_> = c
             .env_from
             .iter()
@@ -586,6 +598,33 @@ mod tests {
         );
     }
 
+    /// Servers before 1.21 refuse a server-side apply whose port omits `protocol` (a list
+    /// key there); found on a real 1.19 API server, where the first Service never appeared.
+    #[test]
+    fn every_port_names_its_protocol_for_server_side_apply() {
+        let ed = sample();
+        let d = runtime_deployment(
+            &settings(),
+            &ed,
+            "0123456789abcdef",
+            &ArtifactStatus::default(),
+            1,
+            &[],
+            &Security::default(),
+        );
+        for c in d.spec.template.spec.unwrap().containers {
+            for port in c.ports.unwrap() {
+                assert_eq!(port.protocol.as_deref(), Some("TCP"), "{port:?}");
+            }
+        }
+        for revision in [None, Some("r1")] {
+            let s = service(&ed, "sentiment".into(), revision);
+            for port in s.spec.unwrap().ports.unwrap() {
+                assert_eq!(port.protocol.as_deref(), Some("TCP"), "{port:?}");
+            }
+        }
+    }
+
     #[test]
     fn the_hash_changes_with_the_content_only() {
         let ed = sample();
@@ -614,9 +653,20 @@ mod tests {
             .volumes
             .unwrap()
             .iter()
-            .map(|v| v.host_path.as_ref().unwrap().path.clone())
+            .map(|v| {
+                let h = v.host_path.as_ref().unwrap();
+                (h.path.clone(), h.type_.clone())
+            })
             .collect();
-        assert_eq!(paths, ["/var/lib/kasmina", "/models/minilm"]);
+        // The source has no type: it may be a file, and a missing one must fail the build
+        // with the builder's message, not hang the pod on its mount.
+        assert_eq!(
+            paths,
+            [
+                ("/var/lib/kasmina".into(), Some("DirectoryOrCreate".into())),
+                ("/models/minilm".into(), None)
+            ]
+        );
     }
 
     fn required_terms(affinity: Affinity) -> Vec<NodeSelectorTerm> {

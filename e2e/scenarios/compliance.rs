@@ -1,0 +1,294 @@
+//! Compliance: an Enforce profile makes `kubectl apply` fail naming rule, field and profile; a
+//! Warn profile's findings print as warnings; a profile requiring signing, encryption and
+//! authentication gives a signed, encrypted artifact and a runtime that answers 401 without a
+//! token and 200 with one from `kubectl kasmina token`; a tampered artifact aborts the
+//! rollout while stable serves.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kasmina::api::edge_deployment::RolloutOutcome;
+use kasmina::api::{ComplianceProfile, EdgeDeployment};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::lifecycle::infer_url;
+use crate::support::model::{healthy, infer_body, minilm};
+use crate::support::traffic::{Load, Traffic, infer_once};
+use crate::support::{MANAGER, Scenario, event, kubectl, run, until, wait};
+
+const FIVE_MINUTES: Duration = Duration::from_secs(300);
+const PROFILES: [&str; 3] = ["e2e-enforce", "e2e-warn", "e2e-secure"];
+
+async fn profile(s: &Scenario, name: &str, enforcement: &str, rules: serde_json::Value) {
+    let profiles: Api<ComplianceProfile> = Api::all(s.client.clone());
+    let profile: ComplianceProfile = serde_json::from_value(json!({
+        "apiVersion": "kasmina.dev/v1alpha1", "kind": "ComplianceProfile",
+        "metadata": {"name": name},
+        "spec": {"selector": {"matchLabels": {"kasmina.dev/e2e-profile": name}},
+                 "enforcement": enforcement, "rules": rules}
+    }))
+    .expect("a ComplianceProfile");
+    profiles
+        .patch(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&profile),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying ComplianceProfile {name}: {e}"));
+}
+
+fn labelled(mut ed: serde_json::Value, ns: &str, profile: &str) -> serde_json::Value {
+    ed["metadata"]["namespace"] = json!(ns);
+    ed["metadata"]["labels"] = json!({"kasmina.dev/e2e-profile": profile});
+    ed
+}
+
+pub async fn run_scenario() {
+    let s = Scenario::begin("compliance").await;
+    let approved = json!({"allowedModelSources": ["s3://approved-models/*"]});
+    let secure = json!({"requireSignedArtifacts": true, "requireEncryptionAtRest": true,
+                        "requireAuthentication": true});
+    for (name, enforcement, rules) in [
+        ("e2e-enforce", "Enforce", &approved),
+        ("e2e-warn", "Warn", &approved),
+        ("e2e-secure", "Enforce", &secure),
+    ] {
+        profile(&s, name, enforcement, rules.clone()).await;
+    }
+
+    enforce_denies_and_warn_warns(&s).await;
+    let url = signed_encrypted_and_authenticated(&s).await;
+    tampered_artifact_aborts_while_stable_serves(&s, &url).await;
+
+    let profiles: Api<ComplianceProfile> = Api::all(s.client.clone());
+    for name in PROFILES {
+        let _ = profiles.delete(name, &DeleteParams::default()).await;
+    }
+    s.end().await;
+}
+
+async fn enforce_denies_and_warn_warns(s: &Scenario) {
+    let apply = |name: &str, profile: &str| {
+        let ed = labelled(
+            minilm(name, "1.0.0", 1, json!({"type": "Rolling"})),
+            &s.ns,
+            profile,
+        );
+        run("kubectl", &["apply", "-f", "-"], Some(&ed.to_string()))
+    };
+    // Every replica's profile cache catches up within moments of the profile's creation.
+    let denied = until(
+        "the Enforce profile denying",
+        Duration::from_secs(30),
+        || async {
+            let out = apply("e2e-denied", "e2e-enforce");
+            if out.ok {
+                let _ = s
+                    .api::<EdgeDeployment>()
+                    .delete("e2e-denied", &DeleteParams::default())
+                    .await;
+                None
+            } else {
+                Some(out.stderr)
+            }
+        },
+    )
+    .await;
+    for part in [
+        "denied the request",
+        "spec.model.source.uri",
+        "allowedModelSources of ComplianceProfile e2e-enforce",
+    ] {
+        assert!(denied.contains(part), "{part:?} not in: {denied}");
+    }
+    s.figure("Enforce denial", denied.trim());
+
+    let warned = apply("e2e-warned", "e2e-warn");
+    assert!(warned.ok, "Warn admits: {}", warned.stderr);
+    assert!(
+        warned.stderr.contains("Warning:") && warned.stderr.contains("allowedModelSources"),
+        "kubectl prints the warning: {}",
+        warned.stderr
+    );
+    let _ = s
+        .api::<EdgeDeployment>()
+        .delete("e2e-warned", &DeleteParams::default())
+        .await;
+}
+
+/// The secure EdgeDeployment: built signed and encrypted, served only with a token.
+async fn signed_encrypted_and_authenticated(s: &Scenario) -> String {
+    let eds = s.api::<EdgeDeployment>();
+    let started = Instant::now();
+    s.apply::<EdgeDeployment>(labelled(
+        minilm("secure", "1.0.0", 1, canary()),
+        &s.ns,
+        "e2e-secure",
+    ))
+    .await;
+    let ed = healthy(&eds, "secure", "1.0.0", FIVE_MINUTES).await;
+    s.seconds("secure: time to Ready", started.elapsed());
+    let artifact = ed
+        .status
+        .and_then(|st| st.artifact)
+        .expect("status.artifact");
+    assert!(artifact.signed, "signed: {artifact:?}");
+    assert!(artifact.encrypted, "encrypted: {artifact:?}");
+
+    let url = infer_url(s, "secure").await;
+    let body = infer_body("who may ask?");
+    let (code, answer) = infer_once(&url, &body, &[]).await.expect("an answer");
+    assert_eq!(code, 401, "no token: {answer}");
+    assert!(answer.contains("error"), "a JSON error: {answer}");
+    let bearer = bearer(s);
+    let (code, answer) = infer_once(&url, &body, &[("authorization", &bearer)])
+        .await
+        .expect("an answer");
+    assert_eq!(code, 200, "with the token: {answer}");
+    url
+}
+
+/// `Authorization` for the secure runtime, from `kubectl kasmina token` as a user mints it.
+fn bearer(s: &Scenario) -> String {
+    let token = kubectl(
+        &[
+            "kasmina",
+            "token",
+            "secure",
+            "-n",
+            &s.ns,
+            "--lifetime",
+            "1h",
+        ],
+        None,
+    );
+    format!("Bearer {}", token.trim())
+}
+
+fn canary() -> serde_json::Value {
+    json!({"type": "Canary",
+           "canary": {"trafficRouting": {"replicaRatio": {}},
+                      "steps": [{"setWeight": 50}, {"pause": {}}]}})
+}
+
+/// A new version whose artifact is altered after the build: its runtime refuses it, the
+/// rollout aborts at once, and stable answers every request meanwhile.
+async fn tampered_artifact_aborts_while_stable_serves(s: &Scenario, url: &str) {
+    let eds = s.api::<EdgeDeployment>();
+    let load = Load {
+        headers: vec![("authorization".into(), bearer(s))],
+        ..Load::probe()
+    };
+    let probe = Traffic::start(url.to_owned(), infer_body("stable keeps serving"), load);
+
+    s.apply::<EdgeDeployment>(labelled(
+        minilm("secure", "2.0.0", 1, canary()),
+        &s.ns,
+        "e2e-secure",
+    ))
+    .await;
+    let ed = wait(
+        &eds,
+        "secure",
+        "the new revision",
+        Duration::from_secs(30),
+        |ed| {
+            ed.status
+                .as_ref()
+                .is_some_and(|st| st.target_revision != st.stable_revision)
+        },
+    )
+    .await;
+    let status = ed.status.unwrap_or_default();
+    let (stable, target) = (
+        status.stable_revision.unwrap_or_default(),
+        status.target_revision.unwrap_or_default(),
+    );
+    wait(
+        &s.api::<Job>(),
+        &format!("secure-build-{}", &target[..8]),
+        "the build to succeed",
+        FIVE_MINUTES,
+        |j: &Job| j.status.as_ref().and_then(|st| st.succeeded).unwrap_or(0) >= 1,
+    )
+    .await;
+    // The built artifact, altered where it lies: one byte of the encrypted model flipped.
+    let tampered_at = Instant::now();
+    let artifact = artifact_dir(&s.ns, "secure", &target);
+    let file = artifact.join(kasmina::artifact::manifest::ENCRYPTED_GGUF_FILE);
+    let mut bytes = std::fs::read(&file).unwrap_or_else(|e| {
+        panic!(
+            "{} (the artifact store must be on this host): {e}",
+            file.display()
+        )
+    });
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&file, bytes).expect("tampering with the artifact");
+    // A runtime pod that read the artifact before the flip serves it: start it again.
+    let pods: Api<Pod> = s.api();
+    let candidate = ListParams::default().labels(&format!("kasmina.dev/revision={target}"));
+    for pod in pods
+        .list(&candidate)
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+    {
+        let _ = pods.delete(&pod.name_any(), &DeleteParams::default()).await;
+    }
+
+    let ed = wait(
+        &eds,
+        "secure",
+        "the rollout aborted",
+        Duration::from_secs(120),
+        |ed| {
+            ed.status.as_ref().is_some_and(|st| {
+                st.history
+                    .first()
+                    .is_some_and(|h| h.revision == target && h.outcome == RolloutOutcome::Aborted)
+            })
+        },
+    )
+    .await;
+    s.seconds("tampered artifact → rollout aborted", tampered_at.elapsed());
+    let status = ed.status.unwrap_or_default();
+    assert_eq!(
+        status.stable_revision.as_deref(),
+        Some(stable.as_str()),
+        "stable stays"
+    );
+    let reason = &status.history[0].reason;
+    assert!(
+        reason.contains("digest") || reason.contains("refus"),
+        "the reason says why: {reason}"
+    );
+    let note = event(
+        &s.client,
+        &s.ns,
+        "EdgeDeployment",
+        "secure",
+        "ArtifactRefused",
+        Duration::from_secs(30),
+    )
+    .await;
+    s.figure("ArtifactRefused Event", &note);
+
+    let tally = probe.stop().await;
+    s.traffic("stable probe during the tampered rollout", &tally);
+    tally.assert_no_failures("stable while the tampered revision was refused");
+}
+
+/// Where the operator's file store keeps a revision's artifact (the chart's default store).
+fn artifact_dir(ns: &str, name: &str, revision: &str) -> std::path::PathBuf {
+    let store = std::env::var("KASMINA_E2E_ARTIFACT_DIR")
+        .unwrap_or_else(|_| "/var/lib/kasmina/artifacts".into());
+    std::path::Path::new(&store)
+        .join(ns)
+        .join(name)
+        .join(revision)
+}

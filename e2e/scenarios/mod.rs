@@ -1,0 +1,9 @@
+//! One module per scenario of the product, each its own test and namespace.
+
+pub mod autoscaling;
+pub mod bad_input;
+pub mod blue_green;
+pub mod compliance;
+pub mod faults;
+pub mod install;
+pub mod lifecycle;
