@@ -12,15 +12,15 @@ default:
 build:
     cargo build
 
-# Run every test: unit, validation tables, scripted-API-server reconciles, CRD drift, chart
+# Run every test: unit, validation tables, scripted-API-server reconciles, CRD drift, chart (release profile: the build the image and the e2e suite use)
 test:
-    cargo test --all-targets
+    cargo test --release --all-targets
 
 # fmt check, clippy with warnings as errors, helm lint and template
 lint: helm-check
     cargo fmt --check
-    cargo clippy --all-targets -- -D warnings
-    cargo clippy --test e2e -- -D warnings
+    cargo clippy --release --all-targets -- -D warnings
+    cargo clippy --release --test e2e -- -D warnings
 
 # Regenerate crds/ and the chart's CRDs from the Rust types
 crds:
@@ -42,8 +42,8 @@ e2e: install-helm fetch-model
     rm -f target/e2e-figures.txt
     export KASMINA_E2E=1 HELM="{{helm}}"
     # The fault scenario kills and restarts operator replicas: it runs alone, after the others.
-    cargo test --test e2e -- --test-threads=1 --nocapture --skip operator_faults
-    cargo test --test e2e -- --test-threads=1 --nocapture --exact operator_faults
+    cargo test --release --test e2e -- --test-threads=1 --nocapture --skip operator_faults
+    cargo test --release --test e2e -- --test-threads=1 --nocapture --exact operator_faults
     echo "== e2e figures (target/e2e-figures.txt)"
     column -t -s $'\t' target/e2e-figures.txt || cat target/e2e-figures.txt
     passed=$(grep -c $'\tscenario seconds\t' target/e2e-figures.txt)

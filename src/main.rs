@@ -391,6 +391,7 @@ fn serve(options: runtime::Options) -> Result<ExitCode, String> {
             unsafe { std::env::set_var(var, &threads) };
         }
     }
+    let termination_log = options.termination_log.clone();
     let served = block_on(async {
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
@@ -400,7 +401,11 @@ fn serve(options: runtime::Options) -> Result<ExitCode, String> {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // Its own exit code, which the controller reads from the pod to abort the rollout.
         Err(e) if e.refuses_artifact() => {
-            eprintln!("error: {}", telemetry::error_chain(&e));
+            let message = telemetry::error_chain(&e);
+            eprintln!("error: {message}");
+            if let Some(path) = &termination_log {
+                artifact::write_failure(path, &message);
+            }
             Ok(ExitCode::from(runtime::REFUSED_EXIT_CODE))
         }
         Err(e) => Err(telemetry::error_chain(&e)),

@@ -763,9 +763,16 @@ async fn a_tampered_candidate_is_refused_and_the_rollout_aborts_on_stable() {
         .local_addr()
         .unwrap()
         .port();
+    let termination_log = dir.join("runtime-termination-log");
     let args: Vec<String> = args
         .into_iter()
         .map(|a| a.replace("/var/run/kasmina/keys", &keys.display().to_string()))
+        .map(|a| {
+            a.replace(
+                "/dev/termination-log",
+                &termination_log.display().to_string(),
+            )
+        })
         .map(|a| if a == "8080" { port.to_string() } else { a })
         .collect();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_kasmina"))
@@ -780,14 +787,17 @@ async fn a_tampered_candidate_is_refused_and_the_rollout_aborts_on_stable() {
         "{stderr}"
     );
 
-    // The kubelet reports it: the crashed container's last state, its log as the message.
+    // The kubelet reports it: the crashed container's last state, with the termination
+    // message the runtime wrote.
+    let message = std::fs::read_to_string(&termination_log).unwrap();
+    assert!(message.contains("model.gguf has digest"), "{message}");
     cluster.put(
         "/api/v1/namespaces/ml/pods/candidate-pod",
         json!({"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": "candidate-pod", "namespace": "ml", "labels": {NAME_LABEL: "sentiment", "kasmina.dev/revision": candidate}},
                "status": {"containerStatuses": [{"name": "runtime", "image": "kasmina", "imageID": "", "ready": false, "restartCount": 1,
                           "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-                          "lastState": {"terminated": {"exitCode": output.status.code().unwrap(), "message": stderr}}}]}}),
+                          "lastState": {"terminated": {"exitCode": output.status.code().unwrap(), "message": message}}}]}}),
     );
     let writes = cluster.reconcile().await;
     assert!(writes.contains(&format!("DELETE {c}")), "{writes:?}");

@@ -3,8 +3,9 @@
 //! same step with no new build), and SIGTERM (the process exits within its drain, also while
 //! the API server answers it with errors).
 //!
-//! Processes are found and signalled on this host, so this scenario needs the local control
-//! plane (`just e2e-local`), whose pods are local processes.
+//! On the local control plane (`just e2e-local`) pods are processes of this host, signalled
+//! and timed directly; elsewhere the pods are deleted (with no grace period for the kill) and
+//! timed until the kubelet reports them gone.
 
 use std::time::{Duration, Instant};
 
@@ -62,16 +63,13 @@ fn alive(pid: i32) -> bool {
     })
 }
 
-/// The one process of an operator pod; fails clearly off the local control plane.
-fn process_of(pod: &str) -> i32 {
-    let pids = processes_of(pod);
-    assert_eq!(
-        pids.len(),
-        1,
-        "the process of pod {pod} on this host (found {pids:?}): the fault scenario signals \
-         the operator's processes, which needs the local control plane (`just e2e-local`)"
-    );
-    pids[0]
+/// The process of an operator pod, when it runs on this host (the local control plane).
+fn local_process(pod: &str) -> Option<i32> {
+    match processes_of(pod).as_slice() {
+        [] => None,
+        [pid] => Some(*pid),
+        pids => panic!("pod {pod} has {} processes here: {pids:?}", pids.len()),
+    }
 }
 
 fn kill(pid: i32, signal: &str) {
@@ -79,47 +77,64 @@ fn kill(pid: i32, signal: &str) {
     assert!(out.ok, "kill -{signal} {pid}: {}", out.stderr);
 }
 
-async fn delete_pod(client: &Client, name: &str) {
+async fn delete_pod(client: &Client, name: &str, grace_seconds: Option<i64>) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), operator::NAMESPACE);
-    match pods.delete(name, &DeleteParams::default()).await {
+    let params = DeleteParams {
+        grace_period_seconds: grace_seconds.map(|g| g as u32),
+        ..DeleteParams::default()
+    };
+    match pods.delete(name, &params).await {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 404 => {}
         Err(e) => panic!("deleting pod {name}: {e}"),
     }
 }
 
-/// SIGKILL to the leader's process, as a crash or an OOM kill does. Its container restarts
-/// in the pod (a new process, a new candidate); then the pod goes, so its ReplicaSet makes a
-/// fresh one: the local kubelet gives a restarted container a new IP, which the API server
-/// refuses to record, so the restarted container would never be seen Ready again.
+/// SIGKILL to the leader's process, as a crash or an OOM kill does. Here its container
+/// restarts in the pod (a new process, a new candidate); then the pod goes, so its ReplicaSet
+/// makes a fresh one: the local kubelet gives a restarted container a new IP, which the API
+/// server refuses to record, so it would never be seen Ready again. On a cluster whose pods
+/// are not processes of this host, the pod is deleted with no grace period instead.
 async fn kill_leader(s: &Scenario) -> (String, Instant) {
     let holder = operator::lease_holder(&s.client).await.expect("a leader");
     let pod = operator::pod_of_holder(&holder).to_owned();
-    let pid = process_of(&pod);
     let killed = Instant::now();
-    kill(pid, "KILL");
-    until(
-        &format!("pod {pod}'s container restarted"),
-        Duration::from_secs(30),
-        || async { processes_of(&pod).iter().any(|p| *p != pid).then_some(()) },
-    )
-    .await;
-    delete_pod(&s.client, &pod).await;
+    match local_process(&pod) {
+        Some(pid) => {
+            kill(pid, "KILL");
+            until(
+                &format!("pod {pod}'s container restarted"),
+                Duration::from_secs(30),
+                || async { processes_of(&pod).iter().any(|p| *p != pid).then_some(()) },
+            )
+            .await;
+            delete_pod(&s.client, &pod, None).await;
+        }
+        None => delete_pod(&s.client, &pod, Some(0)).await,
+    }
     (holder, killed)
 }
 
 /// SIGTERM to an operator pod, the way the kubelet stops it (the pod is deleted); returns how
-/// long its process took to exit.
+/// long its process took to exit (elsewhere than here: until the kubelet reported the pod
+/// gone, which it does once its container stopped).
 async fn terminate(s: &Scenario, pod: &str) -> Duration {
-    let pid = process_of(pod);
+    let pid = local_process(pod);
     let sent = Instant::now();
-    delete_pod(&s.client, pod).await;
-    until(
-        &format!("the process of {pod} exiting after SIGTERM"),
-        Duration::from_secs(GRACE_SECONDS),
-        || async { (!alive(pid)).then_some(()) },
-    )
-    .await;
+    delete_pod(&s.client, pod, None).await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), operator::NAMESPACE);
+    let within = Duration::from_secs(GRACE_SECONDS);
+    match pid {
+        Some(pid) => {
+            until(
+                &format!("the process of {pod} exiting after SIGTERM"),
+                within,
+                || async { (!alive(pid)).then_some(()) },
+            )
+            .await
+        }
+        None => crate::support::wait_gone(pods, pod, within).await,
+    }
     sent.elapsed()
 }
 

@@ -145,6 +145,10 @@ pub struct Options {
     /// Longest wait for admitted requests after the listener closes.
     #[arg(long, default_value = "30s")]
     pub drain_timeout: KubeDuration,
+    /// Where to write why the artifact was refused: the pod's termination message, which the
+    /// operator puts in the EdgeDeployment's status when it aborts the rollout.
+    #[arg(long)]
+    pub termination_log: Option<PathBuf>,
     /// Authentication for the model routes.
     #[arg(long, value_enum, default_value_t = AuthMode::None)]
     pub auth: AuthMode,

@@ -419,6 +419,9 @@ pub fn runtime_deployment(
         // Endpoints take a few seconds to drop a terminating pod: keep serving meanwhile.
         "--drain-delay".into(),
         "5s".into(),
+        // Why an artifact was refused, for the rollout's abort reason (see plan::refusal).
+        "--termination-log".into(),
+        "/dev/termination-log".into(),
     ];
     args.extend(key_args);
     stamp(Deployment {
