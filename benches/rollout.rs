@@ -213,6 +213,7 @@ fn full_plan_cost() {
         image: "kasmina:0.1.0".into(),
         artifact_store: "s3://artifacts".into(),
         artifact_store_secret: None,
+        host_paths: vec![],
     };
     let now = Timestamp::from_second(1_800_000_000).unwrap();
     let objects: Vec<(EdgeDeployment, Observed)> = (0..1000)

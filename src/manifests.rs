@@ -92,7 +92,7 @@ fn validate_value(index: usize, doc: serde_json::Value) -> Verdict {
         };
     }
     let problems = match kind.as_str() {
-        "EdgeDeployment" => check::<EdgeDeployment>(doc, |o| o.spec.validate()),
+        "EdgeDeployment" => check::<EdgeDeployment>(doc, |o| o.validate()),
         "ScalingPolicy" => check::<ScalingPolicy>(doc, |o| o.spec.validate()),
         "ComplianceProfile" => check::<ComplianceProfile>(doc, |o| o.spec.validate()),
         other => vec![format!(

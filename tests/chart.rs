@@ -376,10 +376,16 @@ fn the_webhook_configuration_points_at_what_the_operator_serves() {
     let service = &hook["clientConfig"]["service"];
     assert_eq!(service["name"].as_str().unwrap(), arg("webhook-service"));
     assert_eq!(service["path"], "/validate");
+    assert_eq!(strings(&hook["rules"][0]["resources"]), ["edgedeployments"]);
+    // The other kinds fail open: with every replica down, a ComplianceProfile's finalizer can
+    // still be removed (their controllers validate them again).
+    let config = &vwc["webhooks"][1];
+    assert_eq!(config["failurePolicy"], "Ignore");
     assert_eq!(
-        strings(&hook["rules"][0]["resources"]),
-        ["edgedeployments", "scalingpolicies", "complianceprofiles"]
+        strings(&config["rules"][0]["resources"]),
+        ["scalingpolicies", "complianceprofiles"]
     );
+    assert_eq!(config["clientConfig"], hook["clientConfig"]);
     let svc = of_kind(&docs, "Service")
         .into_iter()
         .find(|s| s["metadata"]["name"] == service["name"])

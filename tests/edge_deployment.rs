@@ -206,6 +206,7 @@ impl Cluster {
             image: "kasmina:0.1.0".into(),
             artifact_store: "s3://artifacts".into(),
             artifact_store_secret: None,
+            host_paths: vec![],
         };
         let mut ctx = EdgeContext::new(base, settings);
         ctx.metrics_port = metrics_port;
@@ -508,7 +509,7 @@ async fn failed_analysis_rolls_back_to_stable() {
         "candidate": {"requests": 0.0, "errors": 0.0, "buckets": []}}});
     cluster.put(ED_PATH, ed);
     let pod = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "canary-pod", "namespace": "ml", "labels": {NAME_LABEL: "sentiment", "kasmina.dev/revision": candidate}},
+        "metadata": {"name": "canary-pod", "namespace": "ml", "labels": {NAME_LABEL: "sentiment", "app.kubernetes.io/component": "runtime", "kasmina.dev/revision": candidate}},
         "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}});
     cluster.put("/api/v1/namespaces/ml/pods/canary-pod", pod);
 
@@ -794,7 +795,7 @@ async fn a_tampered_candidate_is_refused_and_the_rollout_aborts_on_stable() {
     cluster.put(
         "/api/v1/namespaces/ml/pods/candidate-pod",
         json!({"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": "candidate-pod", "namespace": "ml", "labels": {NAME_LABEL: "sentiment", "kasmina.dev/revision": candidate}},
+               "metadata": {"name": "candidate-pod", "namespace": "ml", "labels": {NAME_LABEL: "sentiment", "app.kubernetes.io/component": "runtime", "kasmina.dev/revision": candidate}},
                "status": {"containerStatuses": [{"name": "runtime", "image": "kasmina", "imageID": "", "ready": false, "restartCount": 1,
                           "state": {"waiting": {"reason": "CrashLoopBackOff"}},
                           "lastState": {"terminated": {"exitCode": output.status.code().unwrap(), "message": message}}}]}}),

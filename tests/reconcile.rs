@@ -10,8 +10,8 @@ use http_body_util::BodyExt;
 use k8s_openapi::jiff::Timestamp;
 use kasmina::api::{ComplianceProfile, EdgeDeployment, ScalingPolicy};
 use kasmina::controller::compliance_profile::reconcile::ComplianceContext;
-use kasmina::controller::context::{Context, FixedClock, Metrics};
-use kasmina::controller::leader::{LeaderElector, LeaseTiming, Observed};
+use kasmina::controller::context::{Context, FixedClock, ManualClock, Metrics};
+use kasmina::controller::leader::{Held, LeaderElector, LeaseTiming, Observed};
 use kasmina::controller::{compliance_profile, ensure_crds_installed, scaling_policy};
 use kube::Client;
 use kube::client::Body;
@@ -410,11 +410,33 @@ async fn leader_election_creates_the_lease_then_loses_a_race() {
     assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
     assert_eq!(look.await.unwrap().unwrap(), Observed::Leading);
 
-    // An expired lease of replica-b: we try to take it, but b renewed first (409 Conflict).
+    // A lease of replica-b renewed "a minute ago" by its clock: judged by when we saw it, not
+    // by its renewTime, so the first look follows. Unchanged for the lease duration, it has
+    // expired: we try to take it, but b renewed first (409 Conflict).
+    let clock = Arc::new(ManualClock::new(Timestamp::from_second(NOW).unwrap()));
+    let (ctx, mut server) = context();
+    let elector = Arc::new(LeaderElector::new(
+        ctx.client.clone(),
+        "kasmina-system",
+        "kasmina-controller",
+        "replica-a",
+        LeaseTiming::default(),
+        clock.clone(),
+    ));
     let expired = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": "kasmina-controller", "namespace": "kasmina-system", "resourceVersion": "7"},
         "spec": {"holderIdentity": "replica-b", "leaseDurationSeconds": 15,
                  "renewTime": "2027-01-15T07:59:00.000000Z", "leaseTransitions": 3}});
+    let e = elector.clone();
+    let look = tokio::spawn(async move { e.try_acquire_or_renew().await });
+    server
+        .expect(Method::GET, lease_path, StatusCode::OK, |_| expired.clone())
+        .await;
+    assert!(matches!(
+        look.await.unwrap().unwrap(),
+        Observed::Following { holder, .. } if holder == "replica-b"
+    ));
+    clock.advance(std::time::Duration::from_secs(15));
     let e = elector.clone();
     let look = tokio::spawn(async move { e.try_acquire_or_renew().await });
     server
@@ -436,6 +458,67 @@ async fn leader_election_creates_the_lease_then_loses_a_race() {
         Observed::Following { .. }
     ));
     server.assert_idle();
+}
+
+/// Found in review: a renewal had no deadline (kube's client has no read timeout), so a
+/// request the API server never answered kept a leader working after its lease ran out.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_that_never_answers_loses_leadership_at_the_renew_deadline() {
+    let (ctx, mut server) = context();
+    let elector = Arc::new(LeaderElector::new(
+        ctx.client.clone(),
+        "kasmina-system",
+        "kasmina-controller",
+        "replica-a",
+        LeaseTiming::default(),
+        ctx.clock.clone(),
+    ));
+    let started = tokio::time::Instant::now();
+    let e = elector.clone();
+    let holding = tokio::spawn(async move {
+        let stop = tokio_util::sync::CancellationToken::new();
+        e.hold(&stop).await
+    });
+    // The first renewal's GET is taken and never answered.
+    let (request, _never) = server.0.next_request().await.expect("a renewal");
+    assert_eq!(request.method(), Method::GET);
+    let held = holding.await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        matches!(&held, Held::Lost(why) if why.contains("no answer")),
+        "{held:?}"
+    );
+    assert!(
+        took <= LeaseTiming::default().renew_deadline + std::time::Duration::from_millis(10),
+        "gave up after {took:?}"
+    );
+}
+
+/// Found in review: if the controllers' task ended, the replica went on renewing its lease
+/// and reconciled nothing, so no standby ever took over. Holding ends when the work does.
+#[tokio::test(start_paused = true)]
+async fn holding_ends_when_the_controllers_stop() {
+    let (ctx, _server) = context();
+    let elector = LeaderElector::new(
+        ctx.client.clone(),
+        "kasmina-system",
+        "kasmina-controller",
+        "replica-a",
+        LeaseTiming::default(),
+        ctx.clock.clone(),
+    );
+    let (stop, done) = (
+        tokio_util::sync::CancellationToken::new(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    done.cancel();
+    assert_eq!(
+        elector.hold_while(&stop, &done).await,
+        Held::Abandoned("the controllers stopped".into())
+    );
+    // Stopped on purpose, the controllers end first: that is a stop, not an abandonment.
+    stop.cancel();
+    assert_eq!(elector.hold_while(&stop, &done).await, Held::Stopped);
 }
 
 /// A runtime's `/metrics` on `ip`:`port` (0 = any) answering `body`, counting its scrapes.
@@ -611,7 +694,10 @@ async fn scaling_policy_holds_replicas_when_prometheus_is_unreachable() {
         l.local_addr().unwrap().port()
     };
     let (base, mut server) = context();
-    let ctx = Arc::new(scaling_policy::reconcile::ScalingContext::new(base));
+    let ctx = Arc::new(
+        scaling_policy::reconcile::ScalingContext::new(base)
+            .with_prometheus_hosts(vec!["127.0.0.1".into()]),
+    );
     let policy = scaling_policy(json!([{"type": "Prometheus", "target": 10.0,
         "serverAddress": format!("http://127.0.0.1:{closed}"),
         "query": "sum(rate(http_requests_total{app=\"sentiment\"}[1m]))"}]));

@@ -198,6 +198,16 @@ fn invalid_objects_are_denied_with_the_field_never_a_500() {
         "{message}"
     );
 
+    // Every derived name must fit: the name is refused at admission, naming the field.
+    let mut long = edge_deployment(APPROVED);
+    long["metadata"]["name"] = json!("sentiment-analysis-for-the-customer-support-team");
+    let (response, _) = answer(&admission("CREATE", long), &[]);
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("is invalid: metadata.name: \"sentiment-analysis-for-the-customer-support-team\" is 48 characters; at most 44"),
+        "{message}"
+    );
+
     let policy = json!({"apiVersion": "kasmina.dev/v1alpha1", "kind": "ScalingPolicy",
         "metadata": {"name": "sentiment", "namespace": "ml"},
         "spec": {"targetRef": {"kind": "EdgeDeployment", "name": "sentiment"}, "minReplicas": 5, "maxReplicas": 2,
@@ -239,6 +249,52 @@ fn deletes_and_subresources_are_not_judged() {
     status["request"]["subResource"] = json!("status");
     let (response, _) = answer(&serde_json::to_vec(&status).unwrap(), &[&sources]);
     assert_eq!(response["allowed"], true);
+}
+
+fn update(old: Value, new: Value) -> Vec<u8> {
+    let mut review: Value = serde_json::from_slice(&admission("UPDATE", new)).unwrap();
+    review["request"]["oldObject"] = old;
+    serde_json::to_vec(&review).unwrap()
+}
+
+/// Found in review: every update of a violating EdgeDeployment was judged, so the operator
+/// could not remove a consumed command annotation, `kubectl kasmina abort` was denied, and a
+/// finalizer could not be taken off. A spec (or label) change is judged; metadata is not.
+#[test]
+fn metadata_updates_of_a_violating_object_are_allowed_spec_changes_judged() {
+    let sources = profile(
+        "sources",
+        "Enforce",
+        json!({"allowedModelSources": ["s3://approved-models/*"]}),
+    );
+    let old = edge_deployment(ROGUE);
+    let mut annotated = old.clone();
+    annotated["metadata"]["annotations"] = json!({"kasmina.dev/abort": "true"});
+    let (response, _) = answer(&update(old.clone(), annotated.clone()), &[&sources]);
+    assert_eq!(response["allowed"], true, "{response:#}");
+
+    let mut deleting = old.clone();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-12-01T10:00:00Z");
+    deleting["metadata"]["finalizers"] = json!([]);
+    let (response, _) = answer(&update(old.clone(), deleting), &[&sources]);
+    assert_eq!(response["allowed"], true, "{response:#}");
+
+    // A spec change is judged, even one that keeps the violation.
+    let mut resized = annotated.clone();
+    resized["spec"]["replicas"] = json!(3);
+    let (response, _) = answer(&update(annotated.clone(), resized), &[&sources]);
+    assert_eq!(response["allowed"], false, "{response:#}");
+    assert_eq!(response["status"]["code"], 403);
+
+    // Labels select profiles: a label change is judged too.
+    let mut relabelled = annotated.clone();
+    relabelled["metadata"]["labels"]["team"] = json!("search");
+    let (response, _) = answer(&update(annotated, relabelled), &[&sources]);
+    assert_eq!(response["allowed"], false, "{response:#}");
+
+    // An update without its old object (never sent by a real server) is judged.
+    let (response, _) = answer(&admission("UPDATE", old), &[&sources]);
+    assert_eq!(response["allowed"], false);
 }
 
 #[test]
@@ -344,6 +400,65 @@ mod tls {
             error["error"],
             format!("the request body is larger than {MAX_BODY_BYTES} bytes")
         );
+    }
+
+    /// Found in review: right after a start the profile cache was empty and the webhook allowed
+    /// what an Enforce profile denies. Until the caches sync, a judged EdgeDeployment is
+    /// refused with 503 (the API server retries or reports it); other kinds are still checked.
+    #[tokio::test(start_paused = true)]
+    async fn until_the_caches_sync_an_edge_deployment_is_refused_not_allowed() {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let (profiles, mut writer) = reflector::store::<kasmina::api::ComplianceProfile>();
+        let (namespaces, ns_writer) = reflector::store();
+        let app = router(Admission {
+            profiles,
+            namespaces,
+            events: None,
+        });
+        let ask = |body: Vec<u8>| {
+            let app = app.clone();
+            async move {
+                let request = axum::http::Request::post("/validate")
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(body))
+                    .unwrap();
+                let response = app.oneshot(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                serde_json::from_slice::<Value>(&body).unwrap()["response"].clone()
+            }
+        };
+        let rogue = super::admission("CREATE", super::edge_deployment(super::ROGUE));
+        let response = ask(rogue.clone()).await;
+        assert_eq!(response["allowed"], false, "{response:#}");
+        assert_eq!(response["status"]["code"], 503);
+        assert!(
+            response["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("try again"),
+            "{response:#}"
+        );
+        // Semantic validation needs no cache.
+        let policy = serde_json::json!({"apiVersion": "kasmina.dev/v1alpha1", "kind": "ScalingPolicy",
+            "metadata": {"name": "p", "namespace": "ml"},
+            "spec": {"targetRef": {"kind": "EdgeDeployment", "name": "sentiment"}, "maxReplicas": 2,
+                     "metrics": [{"type": "CognitiveLoad", "target": 0.7}]}});
+        let response = ask(super::admission("CREATE", policy)).await;
+        assert_eq!(response["allowed"], true, "{response:#}");
+
+        // Synced, with an Enforce profile: denied by the rule.
+        writer.apply_watcher_event(&Event::InitApply(super::profile(
+            "sources",
+            "Enforce",
+            serde_json::json!({"allowedModelSources": ["s3://approved-models/*"]}),
+        )));
+        writer.apply_watcher_event(&Event::InitDone);
+        let mut ns_writer = ns_writer;
+        ns_writer.apply_watcher_event(&Event::InitDone);
+        let response = ask(rogue).await;
+        assert_eq!(response["status"]["code"], 403, "{response:#}");
     }
 
     async fn post(ca_bundle: &str, addr: std::net::SocketAddr, body: &[u8]) -> (u16, Value) {

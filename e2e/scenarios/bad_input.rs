@@ -13,7 +13,7 @@ use kube::api::{DeleteParams, ListParams};
 use serde_json::json;
 
 use crate::support::model::{condition, minilm};
-use crate::support::{Scenario, event, run, until, wait, wait_gone};
+use crate::support::{E2E_HOST_PATH, Scenario, event, run, until, wait, wait_gone};
 
 fn refused(s: &Scenario, manifest: serde_json::Value) -> String {
     let mut manifest = manifest;
@@ -53,9 +53,20 @@ pub async fn run_scenario() {
     );
     s.figure("webhook refusal", message.trim());
 
+    // The webhook: a name too long for the names derived from it.
+    let long = "sentiment-analysis-for-the-customer-support-team";
+    ed["metadata"]["name"] = json!(long);
+    ed["spec"]["strategy"] = json!({"type": "Rolling"});
+    let message = refused(&s, ed.clone());
+    assert!(
+        message.contains("denied the request") && message.contains("metadata.name"),
+        "the webhook names the field: {message}"
+    );
+    s.figure("name refusal", message.trim());
+
     // Neither was stored.
     let eds = s.api::<EdgeDeployment>();
-    for name in ["bad-weight", "falling-weights"] {
+    for name in ["bad-weight", "falling-weights", long] {
         assert!(
             eds.get_opt(name).await.ok().flatten().is_none(),
             "{name} was not stored"
@@ -63,7 +74,7 @@ pub async fn run_scenario() {
     }
 
     // A source that does not exist: the build fails and says so.
-    let missing = "file:///var/lib/kasmina/e2e/no-such-model";
+    let missing = format!("file://{E2E_HOST_PATH}/no-such-model");
     let mut ed = minilm("missing-model", "1.0.0", 1, json!({"type": "Rolling"}));
     ed["spec"]["model"]["source"]["uri"] = json!(missing);
     s.apply::<EdgeDeployment>(ed).await;
@@ -105,6 +116,36 @@ pub async fn run_scenario() {
     )
     .await;
     assert!(note.contains("no-such-model"), "the Event says it: {note}");
+
+    // A file:// source outside the folders the operator may mount: no build pod mounts the
+    // node's `/`; the condition says why.
+    let mut root = minilm("host-root", "1.0.0", 1, json!({"type": "Rolling"}));
+    root["spec"]["model"]["source"]["uri"] = json!("file:///");
+    s.apply::<EdgeDeployment>(root).await;
+    let refused_source = wait(
+        &eds,
+        "host-root",
+        "a refused source",
+        Duration::from_secs(60),
+        |ed| {
+            condition(ed, "Ready").is_some_and(|(status, reason, _)| {
+                status == "False" && reason == "SourceNotAllowed"
+            })
+        },
+    )
+    .await;
+    let (_, _, message) = condition(&refused_source, "Ready").unwrap_or_default();
+    assert!(message.contains("spec.model.source.uri"), "{message}");
+    let jobs = s
+        .api::<Job>()
+        .list(&ListParams::default().labels("kasmina.dev/edge-deployment=host-root"))
+        .await
+        .expect("list Jobs");
+    assert!(jobs.items.is_empty(), "no build Job for file:///");
+    s.figure("file:/// source condition", &message);
+    eds.delete("host-root", &DeleteParams::default())
+        .await
+        .expect("delete");
 
     // Deleted: every child goes with it (owner references, the garbage collector).
     eds.delete("missing-model", &DeleteParams::default())

@@ -21,7 +21,7 @@ use crate::support::traffic::{Load, Traffic, infer_once};
 use crate::support::{MANAGER, Scenario, event, kubectl, run, until, wait};
 
 const FIVE_MINUTES: Duration = Duration::from_secs(300);
-const PROFILES: [&str; 3] = ["e2e-enforce", "e2e-warn", "e2e-secure"];
+const PROFILES: [&str; 4] = ["e2e-enforce", "e2e-warn", "e2e-secure", "e2e-late"];
 
 async fn profile(s: &Scenario, name: &str, enforcement: &str, rules: serde_json::Value) {
     let profiles: Api<ComplianceProfile> = Api::all(s.client.clone());
@@ -62,6 +62,7 @@ pub async fn run_scenario() {
     }
 
     enforce_denies_and_warn_warns(&s).await;
+    metadata_stays_writable_under_a_later_enforce_profile(&s, &approved).await;
     let url = signed_encrypted_and_authenticated(&s).await;
     tampered_artifact_aborts_while_stable_serves(&s, &url).await;
 
@@ -119,6 +120,77 @@ async fn enforce_denies_and_warn_warns(s: &Scenario) {
         .api::<EdgeDeployment>()
         .delete("e2e-warned", &DeleteParams::default())
         .await;
+}
+
+/// An EdgeDeployment made before the Enforce profile it violates: its spec changes are denied,
+/// but `kubectl kasmina abort` (an annotation) is admitted and the operator's removal of the
+/// consumed annotation too. Before, every update was judged and both were denied.
+async fn metadata_stays_writable_under_a_later_enforce_profile(
+    s: &Scenario,
+    rules: &serde_json::Value,
+) {
+    let eds = s.api::<EdgeDeployment>();
+    s.apply::<EdgeDeployment>(labelled(
+        minilm("e2e-late", "1.0.0", 1, json!({"type": "Rolling"})),
+        &s.ns,
+        "e2e-late",
+    ))
+    .await;
+    profile(s, "e2e-late", "Enforce", rules.clone()).await;
+    let denied = until(
+        "a spec change denied by the later profile",
+        Duration::from_secs(30),
+        || async {
+            let out = run(
+                "kubectl",
+                &[
+                    "patch",
+                    "edgedeployment",
+                    "e2e-late",
+                    "-n",
+                    &s.ns,
+                    "--type",
+                    "merge",
+                    "-p",
+                    r#"{"spec":{"replicas":2}}"#,
+                ],
+                None,
+            );
+            (!out.ok).then_some(out.stderr)
+        },
+    )
+    .await;
+    assert!(
+        denied.contains("allowedModelSources of ComplianceProfile e2e-late"),
+        "{denied}"
+    );
+    let abort = run(
+        "kubectl",
+        &["kasmina", "abort", "e2e-late", "-n", &s.ns],
+        None,
+    );
+    assert!(
+        abort.ok,
+        "an annotation of a violating EdgeDeployment is admitted: {}",
+        abort.stderr
+    );
+    until(
+        "the operator removing the consumed command",
+        Duration::from_secs(60),
+        || async {
+            let ed = eds.get("e2e-late").await.ok()?;
+            let pending = ed
+                .metadata
+                .annotations
+                .unwrap_or_default()
+                .contains_key("kasmina.dev/abort");
+            (!pending).then_some(())
+        },
+    )
+    .await;
+    s.figure("spec change under a later Enforce profile", denied.trim());
+    s.figure("abort annotation and its removal", "admitted");
+    let _ = eds.delete("e2e-late", &DeleteParams::default()).await;
 }
 
 /// The secure EdgeDeployment: built signed and encrypted, served only with a token.

@@ -193,8 +193,11 @@ async fn leader_killed_mid_rollout(s: &Scenario) {
     .await;
     let takeover = killed.elapsed();
     s.seconds("SIGKILL of the leader → another process leads", takeover);
+    // A standby judges expiry by its own clock from when it saw the last renewal, and it
+    // looks every retry period: the last renewal is seen up to one period after it was made,
+    // and made up to one period before the kill.
     assert!(
-        takeover <= Duration::from_secs(LEASE_SECONDS + RETRY_SECONDS),
+        takeover <= Duration::from_secs(LEASE_SECONDS + 2 * RETRY_SECONDS),
         "{next} took over {takeover:?} after the kill; the lease lasts {LEASE_SECONDS} s"
     );
     let ed = healthy(&eds, APP, "2.0.0", FIVE_MINUTES).await;

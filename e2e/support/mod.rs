@@ -22,6 +22,9 @@ use serde::de::DeserializeOwned;
 
 /// The field manager of everything the suite writes.
 pub const MANAGER: &str = "kasmina-e2e";
+/// A folder the operator may mount `file://` sources from, beside the model's (the chart's
+/// `hostPaths`); bad input names a missing source under it.
+pub const E2E_HOST_PATH: &str = "/var/lib/kasmina/e2e";
 
 /// Why a scenario cannot run: said loudly, never skipped silently.
 const NEEDS_CLUSTER: &str = "needs a cluster: `just e2e-local` starts a real control plane and \

@@ -18,6 +18,15 @@ use tokio::sync::OnceCell;
 
 use super::{kubectl, run, until};
 
+/// The node folder of the model's `file://` source (mounted into build pods).
+fn model_folder() -> String {
+    let uri = super::model::model_uri();
+    let path = uri.strip_prefix("file://").unwrap_or(super::E2E_HOST_PATH);
+    std::path::Path::new(path)
+        .parent()
+        .map_or_else(|| path.to_owned(), |p| p.display().to_string())
+}
+
 pub const NAMESPACE: &str = "kasmina-system";
 pub const RELEASE: &str = "kasmina";
 /// The operator's Deployment, Lease, webhook configuration: the release's full name.
@@ -72,6 +81,8 @@ async fn install(client: Client) -> Installed {
         format!("keys.namespaces={{{}}}", KEYS_NAMESPACES.join(",")),
         // The suite reads plain lines from the pods' logs when a scenario fails.
         "logFormat=text".to_owned(),
+        // file:// sources: the model's folder, and the missing one bad input names.
+        format!("hostPaths={{{},{}}}", model_folder(), super::E2E_HOST_PATH),
     ];
     if !served("policy/v1") {
         adaptations.push("podDisruptionBudget off (policy/v1 is served from 1.21)".to_owned());

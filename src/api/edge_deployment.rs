@@ -785,14 +785,58 @@ pub enum RolloutOutcome {
     Failed,
 }
 
+/// The longest name an EdgeDeployment may have: its longest derived name,
+/// `<name>-retention-<8 hex>`, is a Job name and a label value, 63 characters at most.
+pub const MAX_NAME_LENGTH: usize = 63 - "-retention-".len() - 8;
+
+impl EdgeDeployment {
+    /// The spec's checks and the name's: Services, Jobs and label values are named after it.
+    pub fn validate(&self) -> Result<(), FieldErrors> {
+        let mut errors = FieldErrors::default();
+        if let Some(name) = self.metadata.name.as_deref() {
+            validate_name(name, &mut errors);
+        }
+        self.spec.checks(&mut errors);
+        errors.into_result()
+    }
+}
+
+/// Names of the children (Services among them) are DNS-1035 labels: an EdgeDeployment's name,
+/// a DNS-1123 subdomain, is narrowed to what they allow.
+fn validate_name(name: &str, errors: &mut FieldErrors) {
+    if name.len() > MAX_NAME_LENGTH {
+        errors.push(
+            "metadata.name",
+            format!(
+                "{name:?} is {} characters; at most {MAX_NAME_LENGTH}, so that the names derived \
+                 from it (e.g. {name}-retention-0123abcd) fit in 63",
+                name.len()
+            ),
+        );
+    }
+    if name.contains('.') || !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        errors.push(
+            "metadata.name",
+            format!(
+                "{name:?}: must start with a letter and contain no '.', as the name of its Service \
+                 (a DNS-1035 label) must"
+            ),
+        );
+    }
+}
+
 impl EdgeDeploymentSpec {
     /// Semantic checks the schema cannot express.
     pub fn validate(&self) -> Result<(), FieldErrors> {
         let mut errors = FieldErrors::default();
-        self.validate_source(&mut errors);
-        self.validate_optimization(&mut errors);
-        self.validate_strategy(&mut errors);
+        self.checks(&mut errors);
         errors.into_result()
+    }
+
+    fn checks(&self, errors: &mut FieldErrors) {
+        self.validate_source(errors);
+        self.validate_optimization(errors);
+        self.validate_strategy(errors);
     }
 
     fn validate_source(&self, errors: &mut FieldErrors) {

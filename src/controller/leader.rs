@@ -1,6 +1,13 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, as client-go does it: the leader renews
-//! every retry period; a candidate takes over once the lease has not been renewed for its
-//! duration; writes carry the resourceVersion so two candidates can never both win.
+//! every retry period; a candidate takes over once it has seen the lease unchanged for its
+//! duration, by its own clock (another node's `renewTime` is never compared with ours: clocks
+//! differ); writes carry the resourceVersion so two candidates can never both win. Every call
+//! to the API is bounded by the renew deadline, so a hung request cannot keep a leader
+//! working after its lease ran out.
+//!
+//! Why not kube-lease-manager: its newest release (0.12, June 2026) depends on kube 4 and
+//! k8s-openapi 0.28, so with kube 5 the tree would hold two kube clients and two k8s-openapi
+//! versions; the election is small enough to keep here, with its decision pure and tested.
 //!
 //! The decision (`step`) is pure and tested with simulated time; `LeaderElector` does the I/O.
 
@@ -50,17 +57,42 @@ fn signed(d: Duration) -> SignedDuration {
     SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
 }
 
-/// When `lease` stops being valid, or `None` when nobody holds it.
-pub fn expiry(lease: &LeaseSpec) -> Option<Timestamp> {
-    lease.holder_identity.as_deref().filter(|h| !h.is_empty())?;
-    let renewed = lease.renew_time.as_ref().or(lease.acquire_time.as_ref())?.0;
-    let duration = SignedDuration::from_secs(i64::from(lease.lease_duration_seconds.unwrap_or(0)));
-    renewed.checked_add(duration).ok()
+/// When a candidate first saw the lease as it is now. Expiry is judged from this local time,
+/// as client-go's `observedTime`: a holder whose clock runs behind ours is not taken over
+/// early, nor one whose clock runs ahead late.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observation {
+    record: Option<LeaseSpec>,
+    at: Option<Timestamp>,
 }
 
-/// Decides what `identity` does at `now`, having observed `lease` (`None`: no Lease object).
+impl Observation {
+    /// Records what was read at `now`; returns when this record was first seen.
+    pub fn observe(&mut self, lease: Option<&LeaseSpec>, now: Timestamp) -> Timestamp {
+        match self.at {
+            Some(at) if self.record.as_ref() == lease => at,
+            _ => {
+                self.record = lease.cloned();
+                self.at = Some(now);
+                now
+            }
+        }
+    }
+}
+
+/// When `lease`, first seen unchanged at `observed_at`, stops being valid; `None` when nobody
+/// holds it.
+pub fn expiry(lease: &LeaseSpec, observed_at: Timestamp) -> Option<Timestamp> {
+    lease.holder_identity.as_deref().filter(|h| !h.is_empty())?;
+    let duration = SignedDuration::from_secs(i64::from(lease.lease_duration_seconds.unwrap_or(0)));
+    observed_at.checked_add(duration).ok()
+}
+
+/// Decides what `identity` does at `now`, having seen `lease` (`None`: no Lease object) as it
+/// is since `observed_at`.
 pub fn step(
     lease: Option<&LeaseSpec>,
+    observed_at: Timestamp,
     identity: &str,
     now: Timestamp,
     timing: &LeaseTiming,
@@ -68,7 +100,7 @@ pub fn step(
     let empty = LeaseSpec::default();
     let lease = lease.unwrap_or(&empty);
     let holder = lease.holder_identity.as_deref().unwrap_or("");
-    let live_until = expiry(lease).filter(|until| *until > now);
+    let live_until = expiry(lease, observed_at).filter(|until| *until > now);
 
     if holder == identity || live_until.is_none() {
         let renewing = holder == identity && live_until.is_some();
@@ -131,6 +163,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("Lease {namespace}/{name}: no answer within {after:?}")]
+    Timeout {
+        namespace: String,
+        name: String,
+        after: Duration,
+    },
 }
 
 /// The outcome of one look at the lease.
@@ -147,6 +185,8 @@ pub enum Held {
     Stopped,
     /// Another replica took the lease, or renewal failed past the renew deadline.
     Lost(String),
+    /// The work done as leader ended by itself: the lease is still ours, to hand over.
+    Abandoned(String),
 }
 
 /// Takes part in the election for one Lease.
@@ -157,6 +197,7 @@ pub struct LeaderElector {
     identity: String,
     timing: LeaseTiming,
     clock: Arc<dyn Clock>,
+    observed: std::sync::Mutex<Observation>,
 }
 
 impl LeaderElector {
@@ -175,6 +216,26 @@ impl LeaderElector {
             identity: identity.into(),
             timing,
             clock,
+            observed: std::sync::Mutex::default(),
+        }
+    }
+
+    fn observe(&self, lease: Option<&LeaseSpec>, now: Timestamp) -> Timestamp {
+        match self.observed.lock() {
+            Ok(mut observed) => observed.observe(lease, now),
+            Err(poisoned) => poisoned.into_inner().observe(lease, now),
+        }
+    }
+
+    /// One look, given up after `within` (a hung request must not outlive the lease).
+    pub async fn look(&self, within: Duration) -> Result<Observed, Error> {
+        match tokio::time::timeout(within, self.try_acquire_or_renew()).await {
+            Ok(looked) => looked,
+            Err(_) => Err(Error::Timeout {
+                namespace: self.namespace.clone(),
+                name: self.name.clone(),
+                after: within,
+            }),
         }
     }
 
@@ -206,12 +267,9 @@ impl LeaderElector {
             .get_opt(&self.name)
             .await
             .map_err(|e| self.read_err(e))?;
-        let spec = match step(
-            current.as_ref().and_then(|l| l.spec.as_ref()),
-            &self.identity,
-            now,
-            &self.timing,
-        ) {
+        let record = current.as_ref().and_then(|l| l.spec.as_ref());
+        let observed_at = self.observe(record, now);
+        let spec = match step(record, observed_at, &self.identity, now, &self.timing) {
             Step::Follow { holder, retry_at } => {
                 return Ok(Observed::Following { holder, retry_at });
             }
@@ -238,7 +296,11 @@ impl LeaderElector {
             }
         };
         match write {
-            Ok(_) => Ok(Observed::Leading),
+            Ok(written) => {
+                // Our own write is the record now, seen at the time we made it.
+                self.observe(written.spec.as_ref(), now);
+                Ok(Observed::Leading)
+            }
             Err(kube::Error::Api(status)) if status.is_conflict() || status.is_already_exists() => {
                 Ok(Observed::Following {
                     holder: "another replica".into(),
@@ -253,7 +315,7 @@ impl LeaderElector {
     pub async fn acquire(&self, stop: &CancellationToken) -> bool {
         let mut last_holder = String::new();
         loop {
-            let wake = match self.try_acquire_or_renew().await {
+            let wake = match self.look(self.timing.renew_deadline).await {
                 Ok(Observed::Leading) => {
                     tracing::info!(identity = %self.identity, lease = %self.name, "acquired leadership");
                     return true;
@@ -276,25 +338,53 @@ impl LeaderElector {
         }
     }
 
-    /// Renews the lease every retry period until `stop` fires or leadership is lost.
+    /// Renews the lease every retry period until `stop` fires or leadership is lost: another
+    /// replica holds it, or no renewal succeeded for the renew deadline (measured on the
+    /// monotonic clock; each attempt is cut off at the deadline).
     pub async fn hold(&self, stop: &CancellationToken) -> Held {
-        let mut last_renew = self.clock.now();
+        let deadline = self.timing.renew_deadline;
+        let mut last_renew = tokio::time::Instant::now();
         loop {
             let wake = self.clock.now() + signed(self.timing.retry_period);
             if self.sleep_until(wake, stop).await {
                 return Held::Stopped;
             }
-            match self.try_acquire_or_renew().await {
-                Ok(Observed::Leading) => last_renew = self.clock.now(),
+            let left = deadline.saturating_sub(last_renew.elapsed());
+            let looked = tokio::select! {
+                looked = self.look(left) => looked,
+                () = stop.cancelled() => return Held::Stopped,
+            };
+            match looked {
+                Ok(Observed::Leading) => last_renew = tokio::time::Instant::now(),
                 Ok(Observed::Following { holder, .. }) => {
                     return Held::Lost(format!("{holder} holds the lease now"));
                 }
                 Err(error) => {
                     tracing::warn!(%error, "renewing the leader lease");
-                    let since = self.clock.now().duration_since(last_renew);
-                    if since >= signed(self.timing.renew_deadline) {
-                        return Held::Lost(format!("could not renew for {since:#}: {error}"));
+                    let since = last_renew.elapsed();
+                    if since >= deadline {
+                        return Held::Lost(format!("could not renew for {since:?}: {error}"));
                     }
+                }
+            }
+        }
+    }
+
+    /// Holds the lease while `work` runs: as `hold`, and ends with `Abandoned` when `work_done`
+    /// fires before `stop` (a leader whose controllers stopped reconciles nothing; renewing on
+    /// would keep every standby out).
+    pub async fn hold_while(
+        &self,
+        stop: &CancellationToken,
+        work_done: &CancellationToken,
+    ) -> Held {
+        tokio::select! {
+            held = self.hold(stop) => held,
+            () = work_done.cancelled() => {
+                if stop.is_cancelled() {
+                    Held::Stopped
+                } else {
+                    Held::Abandoned("the controllers stopped".into())
                 }
             }
         }
@@ -351,9 +441,14 @@ mod tests {
     }
 
     /// Applies a step to a shared lease as the API server would (no conflict in this model:
-    /// candidates act one at a time).
+    /// candidates act one at a time). The lease's record is taken as seen when it was
+    /// written (`renewTime`), as a candidate that watched it all along would have.
     fn act(lease: &mut Option<LeaseSpec>, who: &str, now: Timestamp) -> bool {
-        match step(lease.as_ref(), who, now, &timing()) {
+        let seen = lease
+            .as_ref()
+            .and_then(|l| l.renew_time.as_ref())
+            .map_or(now, |t| t.0);
+        match step(lease.as_ref(), seen, who, now, &timing()) {
             Step::Claim(spec) => {
                 *lease = Some(spec);
                 true
@@ -364,7 +459,7 @@ mod tests {
 
     #[test]
     fn first_candidate_takes_a_missing_lease() {
-        let Step::Claim(spec) = step(None, "a", t(0), &timing()) else {
+        let Step::Claim(spec) = step(None, t(0), "a", t(0), &timing()) else {
             panic!()
         };
         assert_eq!(spec.holder_identity.as_deref(), Some("a"));
@@ -376,7 +471,7 @@ mod tests {
     fn a_live_lease_is_followed_until_expiry() {
         let mut lease = None;
         assert!(act(&mut lease, "a", t(0)));
-        match step(lease.as_ref(), "b", t(14), &timing()) {
+        match step(lease.as_ref(), t(0), "b", t(14), &timing()) {
             Step::Follow { holder, retry_at } => {
                 assert_eq!(holder, "a");
                 assert_eq!(
@@ -387,7 +482,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match step(lease.as_ref(), "b", t(5), &timing()) {
+        match step(lease.as_ref(), t(0), "b", t(5), &timing()) {
             Step::Follow { retry_at, .. } => assert_eq!(retry_at, t(7)),
             other => panic!("{other:?}"),
         }
@@ -441,6 +536,7 @@ mod tests {
         let died_at = t(40);
         let mut leader_at_tick = vec![];
         let mut last_renewal_of_a = t(0);
+        let mut observations = [Observation::default(), Observation::default()];
         for tick in 0..120 {
             let now = t(tick);
             for (i, who) in names.iter().enumerate() {
@@ -450,8 +546,10 @@ mod tests {
                 if now < next_look[i] {
                     continue;
                 }
-                match step(lease.as_ref(), who, now, &timing) {
+                let seen = observations[i].observe(lease.as_ref(), now);
+                match step(lease.as_ref(), seen, who, now, &timing) {
                     Step::Claim(spec) => {
+                        observations[i].observe(Some(&spec), now);
                         lease = Some(spec);
                         if *who == "a" {
                             last_renewal_of_a = now;
@@ -475,5 +573,57 @@ mod tests {
             "took over at {takeover}s, lease ran out at {deadline}s"
         );
         assert!(leader_at_tick[takeover as usize..].iter().all(|h| h == "b"));
+    }
+
+    /// Found in review: expiry compared the holder's `renewTime` with our clock, so a holder
+    /// whose clock ran 20 s behind looked expired at every look and was taken over while alive.
+    #[test]
+    fn expiry_is_judged_by_when_we_saw_a_change_not_by_the_holders_clock() {
+        let timing = timing();
+        // a's clock is 20 s behind: its renewals carry times 20 s in our past.
+        let renewed = |at: i64| LeaseSpec {
+            holder_identity: Some("a".into()),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(MicroTime(t(at - 20))),
+            ..LeaseSpec::default()
+        };
+        let mut seen = Observation::default();
+        for now in (0..60).step_by(2) {
+            let lease = renewed(now);
+            let at = seen.observe(Some(&lease), t(now));
+            assert!(
+                matches!(
+                    step(Some(&lease), at, "b", t(now), &timing),
+                    Step::Follow { .. }
+                ),
+                "a renews every 2 s and is alive at {now}"
+            );
+        }
+        // a stops renewing at 58: b takes over 15 s after it first saw the last record, by
+        // its own clock, not earlier.
+        let last = renewed(58);
+        let at = seen.observe(Some(&last), t(72));
+        assert!(matches!(
+            step(Some(&last), at, "b", t(72), &timing),
+            Step::Follow { retry_at, .. } if retry_at == t(73)
+        ));
+        assert!(matches!(
+            step(Some(&last), at, "b", t(73), &timing),
+            Step::Claim(_)
+        ));
+
+        // A holder whose clock runs ahead (renewTime in our future) is taken over once it
+        // stops, too: the record is unchanged for the lease duration.
+        let ahead = LeaseSpec {
+            renew_time: Some(MicroTime(t(1000))),
+            ..renewed(0)
+        };
+        let mut seen = Observation::default();
+        let at = seen.observe(Some(&ahead), t(100));
+        assert_eq!(seen.observe(Some(&ahead), t(110)), at, "unchanged record");
+        assert!(matches!(
+            step(Some(&ahead), at, "b", t(115), &timing),
+            Step::Claim(_)
+        ));
     }
 }

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod compliance_profile;
 pub mod context;
 pub mod edge_deployment;
+pub mod http;
 pub mod leader;
 pub mod scaling_policy;
 pub mod shutdown;
@@ -81,6 +82,21 @@ pub struct Config {
         default_value = "file:///var/lib/kasmina/artifacts"
     )]
     pub artifact_store: String,
+
+    /// Folders on the nodes that `file://` model sources may name (comma-separated); they are
+    /// mounted into build pods. The artifact store's folder is always allowed.
+    #[arg(
+        long,
+        env = "KASMINA_HOST_PATHS",
+        value_delimiter = ',',
+        default_value = "/var/lib/kasmina/models"
+    )]
+    pub host_paths: Vec<String>,
+
+    /// Hosts a ScalingPolicy's Prometheus `serverAddress` may name (comma-separated; exact
+    /// names or `*.suffix`). Empty: no Prometheus metric is queried.
+    #[arg(long, env = "KASMINA_PROMETHEUS_HOSTS", value_delimiter = ',')]
+    pub prometheus_hosts: Vec<String>,
 
     /// A Secret, in each EdgeDeployment's namespace, with the artifact store's credentials.
     #[arg(long, env = "KASMINA_ARTIFACT_STORE_SECRET")]
@@ -158,6 +174,8 @@ pub enum Error {
     },
     #[error("lost leadership ({0}); exiting so this replica restarts as a standby")]
     LeadershipLost(String),
+    #[error("{0}; the lease was handed over, exiting so this replica restarts")]
+    ControllersStopped(String),
     #[error("admission webhook: {0}")]
     Webhook(#[from] compliance_profile::serve::Error),
 }
@@ -203,8 +221,9 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
         "services",
         &["get", "list", "watch", "create", "patch", "delete"],
     ),
-    // Build pods' termination messages and runtime pods' IPs for analysis scrapes.
-    ("", "pods", &["list"]),
+    // Build pods' termination messages and runtime pods' IPs for analysis scrapes; runtime
+    // pods are watched (metadata only) so a crash-looping revision wakes its owner at once.
+    ("", "pods", &["list", "watch"]),
     // `optimization.profile: auto` plans for the smallest selected node.
     ("", "nodes", &["list"]),
     // Canary weights through a user's HTTPRoute.
@@ -302,11 +321,21 @@ pub async fn run(config: Config) -> Result<(), Error> {
             webhook_configuration: (config.webhook_certs == WebhookCerts::SelfManaged)
                 .then(|| config.webhook_configuration.clone()),
         };
+        let (ready, webhook_ready) = tokio::sync::oneshot::channel();
         let settings = compliance_profile::serve::WebhookConfig {
             addr: config.webhook_addr,
             location,
             clock: Arc::new(SystemClock),
+            ready: Some(ready),
         };
+        // The Service sends admission reviews to ready replicas only: ready once the webhook
+        // answers truly (caBundle published, caches synced, listener bound).
+        let health = health.clone();
+        tokio::spawn(async move {
+            if webhook_ready.await.is_ok() {
+                health.set_ready(true);
+            }
+        });
         let (client, stop) = (client.clone(), shutdown.clone());
         Some(tokio::spawn(async move {
             let served = compliance_profile::serve::run(client, settings, stop.clone()).await;
@@ -320,7 +349,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         None
     };
     // Standby replicas are ready too: they are healthy and take over when the leader goes.
-    health.set_ready(true);
+    if webhook.is_none() {
+        health.set_ready(true);
+    }
 
     let identity = process_identity(
         config.identity.as_deref(),
@@ -331,6 +362,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         image: config.image.clone(),
         artifact_store: config.artifact_store.clone(),
         artifact_store_secret: config.artifact_store_secret.clone(),
+        host_paths: config.host_paths.clone(),
     };
     let clock = Arc::new(SystemClock);
     let ctx = Arc::new(Context::new(
@@ -354,10 +386,18 @@ pub async fn run(config: Config) -> Result<(), Error> {
             timing,
             clock,
         );
-        lead(&elector, ctx, settings, &metrics, &shutdown, &drain).await
+        let controllers = (settings, config.prometheus_hosts.clone());
+        lead(&elector, ctx, controllers, &metrics, &shutdown, &drain).await
     } else {
         metrics.set_leader(true);
-        run_controllers(ctx, settings, shutdown.clone(), drain.reconciles).await;
+        run_controllers(
+            ctx,
+            settings,
+            config.prometheus_hosts.clone(),
+            shutdown.clone(),
+            drain.reconciles,
+        )
+        .await;
         Ok(())
     };
 
@@ -408,7 +448,7 @@ impl Drain {
 async fn lead(
     elector: &LeaderElector,
     ctx: Arc<Context>,
-    settings: Settings,
+    (settings, prometheus_hosts): (Settings, Vec<String>),
     metrics: &Metrics,
     shutdown: &CancellationToken,
     drain: &Drain,
@@ -418,33 +458,48 @@ async fn lead(
     }
     metrics.set_leader(true);
     let leading = shutdown.child_token();
-    let controllers = tokio::spawn(run_controllers(
-        ctx,
-        settings,
-        leading.clone(),
-        drain.reconciles,
-    ));
-    let held = elector.hold(&leading).await;
+    // A leader whose controllers stopped (a panic, a stream that ended) reconciles nothing:
+    // it steps down instead of renewing on, and exits.
+    let done = CancellationToken::new();
+    let controllers = {
+        let finished = done.clone().drop_guard();
+        let (leading, grace) = (leading.clone(), drain.reconciles);
+        tokio::spawn(async move {
+            let _finished = finished;
+            run_controllers(ctx, settings, prometheus_hosts, leading, grace).await;
+        })
+    };
+    let held = elector.hold_while(&leading, &done).await;
     // Stop reconciling first (running reconciles finish, within their share of the drain),
     // then hand the lease over.
     leading.cancel();
-    let _ = controllers.await;
+    let ended = controllers.await;
     metrics.set_leader(false);
-    match held {
-        Held::Stopped => {
-            match tokio::time::timeout(drain.release, elector.release()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!(
-                    %error,
-                    "could not release the lease; a standby takes over when it expires"
-                ),
-                Err(_) => tracing::warn!(
-                    "the lease release got no answer in time; a standby takes over when it expires"
-                ),
-            }
-            Ok(())
+    let held = match (held, ended) {
+        (Held::Abandoned(_), Err(e)) if e.is_panic() => {
+            Held::Abandoned("the controllers panicked".into())
         }
+        (held, _) => held,
+    };
+    if let Held::Abandoned(why) = &held {
+        tracing::error!(%why, "stepping down");
+    }
+    if matches!(held, Held::Stopped | Held::Abandoned(_)) {
+        match tokio::time::timeout(drain.release, elector.release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(
+                %error,
+                "could not release the lease; a standby takes over when it expires"
+            ),
+            Err(_) => tracing::warn!(
+                "the lease release got no answer in time; a standby takes over when it expires"
+            ),
+        }
+    }
+    match held {
+        Held::Stopped => Ok(()),
         Held::Lost(why) => Err(Error::LeadershipLost(why)),
+        Held::Abandoned(why) => Err(Error::ControllersStopped(why)),
     }
 }
 
@@ -453,6 +508,7 @@ async fn lead(
 async fn run_controllers(
     ctx: Arc<Context>,
     settings: Settings,
+    prometheus_hosts: Vec<String>,
     stop: CancellationToken,
     grace: std::time::Duration,
 ) {
@@ -465,7 +521,10 @@ async fn run_controllers(
         tokio::join!(
             edge_deployment::run(edge, stop.clone().cancelled_owned()),
             scaling_policy::run(
-                Arc::new(scaling_policy::reconcile::ScalingContext::new(ctx.clone())),
+                Arc::new(
+                    scaling_policy::reconcile::ScalingContext::new(ctx.clone())
+                        .with_prometheus_hosts(prometheus_hosts)
+                ),
                 stop.clone().cancelled_owned()
             ),
             compliance_profile::run(ctx, stop.clone().cancelled_owned()),

@@ -87,7 +87,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         .with_config(controller::Config::default().debounce(Duration::from_secs(1)))
         .reconcile_all_on(any_change)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile::reconcile, reconcile::error_policy, cc)
+        .run(reconcile::reconcile_and_reset, reconcile::error_policy, cc)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "ComplianceProfile controller event");

@@ -16,7 +16,7 @@ use super::rules::{
     COMPLIANT, ENFORCED_VIOLATION, compliant_condition, evaluate, judge, namespace_labels,
 };
 use crate::api::{ComplianceProfile, EdgeDeployment, condition};
-use crate::controller::context::{Context, Notice};
+use crate::controller::context::{Backoff, Context, Notice};
 use crate::controller::status::apply_status;
 
 pub const CONTROLLER: &str = "complianceprofile";
@@ -209,11 +209,22 @@ async fn write_condition(
 }
 
 pub fn error_policy(
-    _profile: Arc<ComplianceProfile>,
+    profile: Arc<ComplianceProfile>,
     error: &Error,
     cc: Arc<ComplianceContext>,
 ) -> Action {
-    tracing::warn!(%error, "ComplianceProfile reconcile failed");
-    cc.ctx.metrics.reconcile_failed(CONTROLLER, error.kind());
-    Action::requeue(Duration::from_secs(15))
+    cc.ctx
+        .retry_failed(CONTROLLER, profile.as_ref(), error, error.kind())
+}
+
+/// `reconcile`, and a success forgets the object's failures (its backoff starts over).
+pub async fn reconcile_and_reset(
+    profile: Arc<ComplianceProfile>,
+    cc: Arc<ComplianceContext>,
+) -> Result<Action, Error> {
+    let key = Backoff::key(profile.as_ref());
+    let base = cc.ctx.clone();
+    base.backoff
+        .reset_on_success(key, reconcile(profile, cc))
+        .await
 }

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::certs::{self, Location};
 use super::rules::namespace_labels;
-use super::webhook::{audit_event, review};
+use super::webhook::{Caches, audit_event, review_with};
 use crate::api::ComplianceProfile;
 use crate::controller::context::Clock;
 use crate::telemetry::json_error;
@@ -177,10 +177,25 @@ async fn validate(
             return json_error(status, &message);
         }
     };
+    let synced = tokio::time::timeout(
+        CACHE_WAIT,
+        futures::future::try_join(
+            admission.profiles.wait_until_ready(),
+            admission.namespaces.wait_until_ready(),
+        ),
+    )
+    .await;
     let profiles = admission.profiles.state();
     let profiles: Vec<&ComplianceProfile> = profiles.iter().map(AsRef::as_ref).collect();
     let namespaces = namespace_labels(&admission.namespaces.state());
-    match review(&body, &profiles, &namespaces) {
+    let caches = match synced {
+        Ok(Ok(_)) => Caches::Synced {
+            profiles: &profiles,
+            namespaces: &namespaces,
+        },
+        _ => Caches::Unsynced,
+    };
+    match review_with(&body, caches) {
         Ok(reviewed) => {
             if let Some((record, regarding)) = &reviewed.audit {
                 record.emit();
@@ -201,6 +216,10 @@ async fn validate(
     }
 }
 
+/// How long a review waits for the caches to sync before it is refused (the API server waits
+/// `timeoutSeconds`, 5 s in the chart).
+const CACHE_WAIT: Duration = Duration::from_secs(2);
+
 /// The largest AdmissionReview accepted: the API server's own object limit plus envelope.
 pub const MAX_BODY_BYTES: usize = 3 << 20;
 
@@ -213,12 +232,13 @@ pub fn router(admission: Admission) -> Router {
 }
 
 /// Settings of the webhook server.
-#[derive(Clone)]
 pub struct WebhookConfig {
     pub addr: SocketAddr,
     pub location: Location,
     /// What certificate expiry is measured against.
     pub clock: Arc<dyn Clock>,
+    /// Told once the webhook can answer truly: caBundle published, caches synced, listener up.
+    pub ready: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Serves the webhook until `shutdown`: certificates first (issued or read), then refreshed
@@ -291,6 +311,16 @@ pub async fn run(
     };
     tokio::spawn(refresh);
 
+    // Ready only once the answers are true: the caches synced (an empty one allows what an
+    // Enforce profile denies).
+    tokio::select! {
+        synced = futures::future::try_join(profiles.wait_until_ready(), namespaces.wait_until_ready()) => {
+            if synced.is_err() {
+                return Ok(());
+            }
+        }
+        () = shutdown.cancelled() => return Ok(()),
+    }
     let tcp = TcpListener::bind(config.addr)
         .await
         .map_err(|source| Error::Listen {
@@ -303,6 +333,9 @@ pub async fn run(
             source,
         })?;
     tracing::info!(addr = %config.addr, "admission webhook serving");
+    if let Some(ready) = config.ready {
+        let _ = ready.send(());
+    }
     axum::serve(
         listener,
         router(Admission {

@@ -56,17 +56,40 @@ fn regarding(request: &AdmissionRequest<DynamicObject>) -> ObjectReference {
     }
 }
 
+/// What the profiles' rules are judged against: the watch caches, once they have synced.
+#[derive(Clone, Copy, Debug)]
+pub enum Caches<'a> {
+    Synced {
+        profiles: &'a [&'a ComplianceProfile],
+        namespaces: &'a NamespaceLabels,
+    },
+    /// Just after a start: an empty cache would allow what an Enforce profile denies.
+    Unsynced,
+}
+
 /// Reviews one AdmissionReview body against the cached profiles and namespace labels.
 pub fn review(
     body: &[u8],
     profiles: &[&ComplianceProfile],
     namespaces: &NamespaceLabels,
 ) -> Result<Reviewed, Error> {
+    review_with(
+        body,
+        Caches::Synced {
+            profiles,
+            namespaces,
+        },
+    )
+}
+
+/// Reviews one AdmissionReview body; with unsynced caches an EdgeDeployment whose spec is
+/// judged is refused (503, retry) rather than admitted unchecked.
+pub fn review_with(body: &[u8], caches: Caches<'_>) -> Result<Reviewed, Error> {
     let review: AdmissionReview<DynamicObject> =
         serde_json::from_slice(body).map_err(|e| Error::Malformed(e.to_string()))?;
     let request: AdmissionRequest<DynamicObject> =
         review.try_into().map_err(|_| Error::NoRequest)?;
-    let (response, audit) = decide(&request, profiles, namespaces);
+    let (response, audit) = decide(&request, caches);
     Ok(Reviewed {
         review: response.into_review(),
         // A dry run changes nothing, so it is not audited (the webhook declares sideEffects:
@@ -88,16 +111,34 @@ fn deny(
     response
 }
 
+/// Whether an update changes nothing that is judged: the spec and the labels (which select
+/// profiles) are as before, or the object is being deleted. Annotations, finalizers and owner
+/// references stay writable on a violating object (the operator's consumed commands,
+/// `kubectl kasmina abort`, a finalizer's removal).
+fn judged_unchanged(request: &AdmissionRequest<DynamicObject>) -> bool {
+    if request.operation != Operation::Update {
+        return false;
+    }
+    let (Some(new), Some(old)) = (&request.object, &request.old_object) else {
+        return false;
+    };
+    if new.metadata.deletion_timestamp.is_some() {
+        return true;
+    }
+    new.data.get("spec") == old.data.get("spec") && new.metadata.labels == old.metadata.labels
+}
+
 fn decide(
     request: &AdmissionRequest<DynamicObject>,
-    profiles: &[&ComplianceProfile],
-    namespaces: &NamespaceLabels,
+    caches: Caches<'_>,
 ) -> (AdmissionResponse, Option<AuditRecord>) {
     let response = AdmissionResponse::from(request);
     let kind = request.kind.kind.as_str();
-    // Deletes and subresources (status, scale) carry nothing to judge.
+    // Deletes and subresources (status, scale) carry nothing to judge, nor do updates of
+    // metadata alone.
     if matches!(request.operation, Operation::Delete | Operation::Connect)
         || request.sub_resource.is_some()
+        || judged_unchanged(request)
     {
         return (response, None);
     }
@@ -129,7 +170,7 @@ fn decide(
     let problems = match kind {
         "EdgeDeployment" => check::<EdgeDeployment>(doc, |o| {
             decoded = Some(o.clone());
-            o.spec.validate()
+            o.validate()
         }),
         "ScalingPolicy" => check::<ScalingPolicy>(doc, |o| o.spec.validate()),
         "ComplianceProfile" => check::<ComplianceProfile>(doc, |o| o.spec.validate()),
@@ -141,6 +182,17 @@ fn decide(
     }
     let Some(ed) = decoded else {
         return (response, None);
+    };
+    let Caches::Synced {
+        profiles,
+        namespaces,
+    } = caches
+    else {
+        let message = format!(
+            "{what}: kasmina's admission webhook has not read the ComplianceProfiles and \
+             Namespaces yet (it just started); try again in a few seconds"
+        );
+        return (deny(response, 503, "ServiceUnavailable", message), None);
     };
     let verdict = judge(profiles.iter().copied(), &ed, namespaces);
     let enforced = verdict.messages(Enforcement::Enforce);

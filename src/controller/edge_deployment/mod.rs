@@ -14,9 +14,11 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Service;
-use kube::Api;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
 
 use crate::api::EdgeDeployment;
 use reconcile::EdgeContext;
@@ -31,12 +33,29 @@ pub async fn run(
     // Children wake their owner: a Job finishing, a Deployment becoming available, a Service
     // edited by hand (and put back).
     let owned = || watcher::Config::default().labels(workload::NAME_LABEL);
+    // Runtime pods belong to ReplicaSets, not to the EdgeDeployment: a metadata-only watch
+    // maps them to it by label, so a revision whose pods crash (a refused artifact) wakes it
+    // at once instead of at its next requeue.
+    let runtime_pods = watcher::Config::default().labels(&format!(
+        "{},{}={}",
+        workload::NAME_LABEL,
+        workload::COMPONENT_LABEL,
+        workload::RUNTIME_COMPONENT
+    ));
     Controller::new(api, watcher::Config::default().any_semantic())
         .owns(Api::<Job>::all(client.clone()), owned())
         .owns(Api::<Deployment>::all(client.clone()), owned())
-        .owns(Api::<Service>::all(client), owned())
+        .owns(Api::<Service>::all(client.clone()), owned())
+        .watches(
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            runtime_pods,
+            |pod| {
+                let name = pod.labels().get(workload::NAME_LABEL)?;
+                Some(ObjectRef::new(name).within(&pod.namespace()?))
+            },
+        )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .run(reconcile::reconcile_and_reset, reconcile::error_policy, ctx)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "EdgeDeployment controller event");

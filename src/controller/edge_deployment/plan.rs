@@ -168,7 +168,7 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
     let current = ed.status.clone().unwrap_or_default();
     let mut status = own_status(&current);
     status.observed_generation = generation;
-    status.selector = Some(format!("{NAME_LABEL}={}", ed.name_any()));
+    status.selector = Some(workload::runtime_selector(&ed.name_any(), None));
     let mut plan = Plan {
         requeue: Duration::from_secs(300),
         ..Plan::default()
@@ -176,10 +176,12 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
 
     // Nothing is touched while the spec is invalid or the keys are missing: what runs keeps
     // running until that is fixed.
-    let halt = match (ed.spec.validate(), &seen.keys_error) {
-        (Err(errors), _) => Some(("InvalidSpec", "Validate", format!("invalid spec: {errors}"))),
-        (Ok(()), Some(error)) => Some(("KeysUnavailable", "Keys", error.clone())),
-        (Ok(()), None) => None,
+    let refused = settings.host_source_refusal(&ed.spec.model.source.uri);
+    let halt = match (ed.validate(), refused, &seen.keys_error) {
+        (Err(errors), _, _) => Some(("InvalidSpec", "Validate", format!("invalid spec: {errors}"))),
+        (Ok(()), Some(why), _) => Some(("SourceNotAllowed", "Validate", why)),
+        (Ok(()), None, Some(error)) => Some(("KeysUnavailable", "Keys", error.clone())),
+        (Ok(()), None, None) => None,
     };
     if let Some((reason, action, message)) = halt {
         status.phase = Some(Phase::Failed);
@@ -1163,6 +1165,7 @@ pub(crate) mod tests {
             image: "kasmina:0.1.0".into(),
             artifact_store: "s3://artifacts".into(),
             artifact_store_secret: None,
+            host_paths: vec!["/models".into()],
         }
     }
 
@@ -1825,6 +1828,50 @@ pub(crate) mod tests {
         let events = w.events.len();
         w.reconcile();
         assert_eq!(w.events.len(), events, "not repeated every reconcile");
+    }
+
+    /// Found in review: a 50-character name gave a 68-character retention Job name, which the
+    /// API server refused, as a warning every 15 s. Now the name is the failure, said once.
+    #[test]
+    fn a_name_too_long_for_its_children_fails_naming_the_field() {
+        let mut ed = sample();
+        let long = format!(
+            "s{}",
+            "e".repeat(crate::api::edge_deployment::MAX_NAME_LENGTH)
+        );
+        ed.metadata.name = Some(long);
+        let mut w = World::new(ed);
+        let plan = w.reconcile();
+        assert!(!plan.changes_children());
+        let (_, reason, message) = w.cond(READY);
+        assert_eq!(reason, "InvalidSpec");
+        assert!(message.contains("metadata.name"), "{message}");
+        assert!(message.contains("at most 44"), "{message}");
+
+        let mut ed = sample();
+        ed.metadata.name = Some("s".repeat(44));
+        let mut w = World::new(ed);
+        w.reconcile();
+        assert_ne!(w.cond(READY).1, "InvalidSpec", "44 characters fit");
+        let mut ed = sample();
+        ed.metadata.name = Some("v1.sentiment".into());
+        let mut w = World::new(ed);
+        w.reconcile();
+        assert!(w.cond(READY).2.contains("no '.'"));
+    }
+
+    #[test]
+    fn a_file_source_outside_the_allowed_folders_builds_nothing() {
+        let mut ed = sample();
+        ed.spec.model.source.uri = "file:///".into();
+        let mut w = World::new(ed);
+        let plan = w.reconcile();
+        assert!(!plan.changes_children(), "no build pod mounts the node's /");
+        assert_eq!(w.status().phase, Some(Phase::Failed));
+        let (_, reason, message) = w.cond(READY);
+        assert_eq!(reason, "SourceNotAllowed");
+        assert!(message.contains("allowed: /models"), "{message}");
+        assert!(w.event("SourceNotAllowed").unwrap().warning);
     }
 
     #[test]

@@ -19,9 +19,9 @@ use super::analysis;
 use super::plan::{self, Observed, own_status};
 use super::scrape;
 use super::security::{self, Keys, Needs};
-use super::workload::{self, NAME_LABEL, REVISION_LABEL, Settings};
+use super::workload::{self, NAME_LABEL, Settings};
 use crate::api::EdgeDeployment;
-use crate::controller::context::{Context, FIELD_MANAGER, Notice};
+use crate::controller::context::{Backoff, Context, FIELD_MANAGER, Notice};
 use crate::controller::status::apply_status;
 use crate::controller::{audit, compliance_profile};
 
@@ -44,7 +44,7 @@ impl EdgeContext {
         Self {
             base,
             settings,
-            http: reqwest::Client::new(),
+            http: crate::controller::http::client(),
             metrics_port: workload::RUNTIME_PORT as u16,
         }
     }
@@ -170,7 +170,7 @@ async fn revision_pods(
     rev: &str,
     ns: &str,
 ) -> Result<Vec<Pod>, Error> {
-    let selector = format!("{NAME_LABEL}={name},{REVISION_LABEL}={rev}");
+    let selector = workload::runtime_selector(name, Some(rev));
     Ok(pods
         .list(&ListParams::default().labels(&selector))
         .await
@@ -300,7 +300,7 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
             Err(error) => seen.keys_error = Some(error),
         }
     }
-    if ed.spec.validate().is_ok() {
+    if ed.validate().is_ok() {
         let target = plan::revision(&ed.spec, &seen.security);
         if !status.revisions.iter().any(|r| r.name == target) {
             let job_name = workload::job_name(&ed, &target);
@@ -445,8 +445,17 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
     Ok(Action::requeue(plan.requeue))
 }
 
-pub fn error_policy(_ed: Arc<EdgeDeployment>, error: &Error, ctx: Arc<EdgeContext>) -> Action {
-    tracing::warn!(%error, "EdgeDeployment reconcile failed");
-    ctx.base.metrics.reconcile_failed(CONTROLLER, error.kind());
-    Action::requeue(Duration::from_secs(15))
+pub fn error_policy(ed: Arc<EdgeDeployment>, error: &Error, ctx: Arc<EdgeContext>) -> Action {
+    ctx.base
+        .retry_failed(CONTROLLER, ed.as_ref(), error, error.kind())
+}
+
+/// `reconcile`, and a success forgets the object's failures (its backoff starts over).
+pub async fn reconcile_and_reset(
+    ed: Arc<EdgeDeployment>,
+    ctx: Arc<EdgeContext>,
+) -> Result<Action, Error> {
+    let key = Backoff::key(ed.as_ref());
+    let base = ctx.base.clone();
+    base.backoff.reset_on_success(key, reconcile(ed, ctx)).await
 }

@@ -20,6 +20,12 @@ pub enum Error {
     },
     #[error("GET {url}: HTTP {status}")]
     Status { url: String, status: u16 },
+    #[error("GET {url}: {source}")]
+    Body {
+        url: String,
+        #[source]
+        source: crate::controller::http::ReadError,
+    },
     #[error("parsing the metrics of {url}: {source}")]
     Parse {
         url: String,
@@ -33,6 +39,7 @@ impl Error {
         match self {
             Error::Http { .. } => "scrape_http",
             Error::Status { .. } => "scrape_status",
+            Error::Body { .. } => "scrape_body",
             Error::Parse { .. } => "scrape_parse",
         }
     }
@@ -128,11 +135,14 @@ pub async fn scrape(
             status: response.status().as_u16(),
         });
     }
-    let text = response.text().await.map_err(|source| Error::Http {
-        url: url.to_owned(),
-        source: source.without_url(),
-    })?;
-    parse(&text).map_err(|source| Error::Parse {
+    let body =
+        crate::controller::http::read_bounded(response, crate::controller::http::MAX_BODY_BYTES)
+            .await
+            .map_err(|source| Error::Body {
+                url: url.to_owned(),
+                source,
+            })?;
+    parse(&String::from_utf8_lossy(&body)).map_err(|source| Error::Parse {
         url: url.to_owned(),
         source,
     })

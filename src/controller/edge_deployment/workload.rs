@@ -29,6 +29,19 @@ pub const NAME_LABEL: &str = "kasmina.dev/edge-deployment";
 pub const REVISION_LABEL: &str = "kasmina.dev/revision";
 /// `build` or `runtime`.
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// The component of the serving pods (build and retention Jobs' pods are `build`, `retention`).
+pub const RUNTIME_COMPONENT: &str = "runtime";
+
+/// The label selector of the runtime pods of `name` (of one revision, if given): the scale
+/// subresource, the Services, scrapes. Build and retention pods carry the name too.
+pub fn runtime_selector(name: &str, revision: Option<&str>) -> String {
+    match revision {
+        Some(rev) => format!(
+            "{NAME_LABEL}={name},{COMPONENT_LABEL}={RUNTIME_COMPONENT},{REVISION_LABEL}={rev}"
+        ),
+        None => format!("{NAME_LABEL}={name},{COMPONENT_LABEL}={RUNTIME_COMPONENT}"),
+    }
+}
 /// Hash of the object as Kasmina last applied it; equal hash, no write.
 pub const HASH_ANNOTATION: &str = "kasmina.dev/applied-hash";
 /// The runtime's HTTP port (OIP, health, /metrics).
@@ -48,6 +61,42 @@ pub struct Settings {
     /// A Secret in each EdgeDeployment's namespace with the artifact store's credentials
     /// (optional: pods start without it).
     pub artifact_store_secret: Option<String>,
+    /// Folders on the nodes that a `file://` model source may name (it is mounted into the
+    /// build pod); the artifact store's own folder is always allowed.
+    pub host_paths: Vec<String>,
+}
+
+impl Settings {
+    /// Why a `file://` source may not be mounted (None: allowed, or not a file:// source).
+    /// Without this any user who may create an EdgeDeployment could mount the node's `/`.
+    pub fn host_source_refusal(&self, uri: &str) -> Option<String> {
+        let path = uri.strip_prefix("file://")?;
+        let allowed: Vec<&str> = self
+            .host_paths
+            .iter()
+            .map(String::as_str)
+            .chain(self.artifact_store.strip_prefix("file://"))
+            .map(|p| p.trim_end_matches('/'))
+            .filter(|p| !p.is_empty())
+            .collect();
+        let escapes = path.split('/').any(|c| c == ".." || c == ".");
+        let under = |prefix: &&str| {
+            path.strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        if !escapes && allowed.iter().any(under) {
+            return None;
+        }
+        let list = if allowed.is_empty() {
+            "none".to_owned()
+        } else {
+            allowed.join(", ")
+        };
+        Some(format!(
+            "spec.model.source.uri: {uri:?} is not under a folder the operator may mount from its \
+             nodes (allowed: {list}; the chart's value `hostPaths` adds folders)"
+        ))
+    }
 }
 
 /// Short revision used in object names.
@@ -394,7 +443,7 @@ pub fn runtime_deployment(
         (NAME_LABEL.to_owned(), ed.name_any()),
         (REVISION_LABEL.to_owned(), revision.to_owned()),
     ]);
-    let labels = labels(ed, Some(revision), "runtime");
+    let labels = labels(ed, Some(revision), RUNTIME_COMPONENT);
     let (key_args, keys) = security::runtime_keys(
         artifact,
         security.needs.authenticate,
@@ -485,12 +534,15 @@ pub fn runtime_deployment(
 /// A Service named `name` over the runtime pods; `revision` narrows it to one revision
 /// (None: every live revision, which is how `replicaRatio` splits traffic).
 pub fn service(ed: &EdgeDeployment, name: String, revision: Option<&str>) -> Service {
-    let mut selector = BTreeMap::from([(NAME_LABEL.to_owned(), ed.name_any())]);
+    let mut selector = BTreeMap::from([
+        (NAME_LABEL.to_owned(), ed.name_any()),
+        (COMPONENT_LABEL.to_owned(), RUNTIME_COMPONENT.to_owned()),
+    ]);
     if let Some(rev) = revision {
         selector.insert(REVISION_LABEL.to_owned(), rev.to_owned());
     }
     stamp(Service {
-        metadata: meta(ed, name, labels(ed, None, "runtime")),
+        metadata: meta(ed, name, labels(ed, None, RUNTIME_COMPONENT)),
         spec: Some(ServiceSpec {
             selector: Some(selector),
             ports: Some(vec![ServicePort {
@@ -517,6 +569,99 @@ mod tests {
             image: "kasmina:0.1.0".into(),
             artifact_store: "s3://artifacts/kasmina/".into(),
             artifact_store_secret: Some("artifact-store".into()),
+            host_paths: vec!["/models".into()],
+        }
+    }
+
+    /// Found in review: `source.uri: file:///` mounted the node's `/` into a build pod.
+    #[test]
+    fn file_sources_are_allowed_only_under_the_configured_folders() {
+        let mut s = settings();
+        s.artifact_store = "file:///var/lib/kasmina/artifacts/".into();
+        for allowed in [
+            "file:///models",
+            "file:///models/minilm",
+            "file:///var/lib/kasmina/artifacts/ml/x/0123/model.gguf",
+            "s3://models/minilm",
+        ] {
+            assert_eq!(s.host_source_refusal(allowed), None, "{allowed}");
+        }
+        for refused in [
+            "file:///",
+            "file:///etc",
+            "file:///models-private/x",
+            "file:///models/../etc/shadow",
+            "file:///var/lib/kasmina",
+        ] {
+            let why = s.host_source_refusal(refused).expect(refused);
+            assert!(why.starts_with("spec.model.source.uri:"), "{why}");
+            assert!(
+                why.contains("allowed: /models, /var/lib/kasmina/artifacts"),
+                "{why}"
+            );
+        }
+        s.host_paths.clear();
+        s.artifact_store = "s3://a".into();
+        assert!(
+            s.host_source_refusal("file:///models/x")
+                .unwrap()
+                .contains("allowed: none")
+        );
+    }
+
+    /// Found in review: the scale subresource's selector and the Services matched every pod
+    /// labelled with the EdgeDeployment's name, build and retention Jobs' pods too (the
+    /// Service would send requests to a build pod; `kubectl scale` counted it).
+    #[test]
+    fn selectors_match_runtime_pods_only() {
+        let ed = sample();
+        let rev = "0123456789abcdef";
+        let matches = |selector: &str, labels: &BTreeMap<String, String>| {
+            selector.split(',').all(|term| {
+                let (k, v) = term.split_once('=').unwrap();
+                labels.get(k).map(String::as_str) == Some(v)
+            })
+        };
+        let pod_labels = |job: Job| job.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        let build = pod_labels(build_job(&settings(), &ed, rev, None, &Security::default()));
+        let retention = pod_labels(retention_job(&settings(), &ed, &["s3://a/b".into()]));
+        let runtime = runtime_deployment(
+            &settings(),
+            &ed,
+            rev,
+            &ArtifactStatus::default(),
+            1,
+            &[],
+            &Security::default(),
+        )
+        .spec
+        .template
+        .metadata
+        .unwrap()
+        .labels
+        .unwrap();
+        for selector in [
+            runtime_selector("sentiment", None),
+            runtime_selector("sentiment", Some(rev)),
+        ] {
+            assert!(matches(&selector, &runtime), "{selector}");
+            assert!(
+                !matches(&selector, &build),
+                "{selector} matches a build pod"
+            );
+            assert!(
+                !matches(&selector, &retention),
+                "{selector} matches a retention pod"
+            );
+        }
+        for revision in [None, Some(rev)] {
+            let selector = service(&ed, "sentiment".into(), revision)
+                .spec
+                .unwrap()
+                .selector
+                .unwrap();
+            assert!(selector.iter().all(|(k, v)| runtime.get(k) == Some(v)));
+            assert!(!selector.iter().all(|(k, v)| build.get(k) == Some(v)));
         }
     }
 

@@ -37,12 +37,21 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
-    #[error("Prometheus at {server}: HTTP {status}: {body}")]
-    PrometheusStatus {
+    // The answer's body is never repeated: status is readable by whoever may read the policy,
+    // and the server is whatever the spec names.
+    #[error("Prometheus at {server}: HTTP {status}")]
+    PrometheusStatus { server: String, status: u16 },
+    #[error("Prometheus at {server}: {source}")]
+    PrometheusBody {
         server: String,
-        status: u16,
-        body: String,
+        #[source]
+        source: crate::controller::http::ReadError,
     },
+    #[error(
+        "Prometheus at {server}: the host {host:?} is not one the operator may query (the chart's \
+         value `prometheusHosts` lists them)"
+    )]
+    PrometheusHostNotAllowed { server: String, host: String },
     #[error("Prometheus at {server}: query {query:?}: {message}")]
     PrometheusResult {
         server: String,
@@ -209,6 +218,7 @@ struct PromSample {
 pub async fn prometheus(
     http: &reqwest::Client,
     server: &str,
+    allowed_hosts: &[String],
     query: &str,
     timeout: Duration,
 ) -> Result<f64, Error> {
@@ -218,6 +228,13 @@ pub async fn prometheus(
             query: query.to_owned(),
             message: format!("bad serverAddress: {e}"),
         })?;
+    let host = url.host_str().unwrap_or_default();
+    if !crate::controller::http::host_allowed(host, allowed_hosts) {
+        return Err(Error::PrometheusHostNotAllowed {
+            server: server.to_owned(),
+            host: host.to_owned(),
+        });
+    }
     url.query_pairs_mut().append_pair("query", query);
     let response = http
         .get(url)
@@ -229,21 +246,20 @@ pub async fn prometheus(
             source: source.without_url(),
         })?;
     let status = response.status().as_u16();
-    let body = response
-        .text()
-        .await
-        .map_err(|source| Error::PrometheusHttp {
-            server: server.to_owned(),
-            source: source.without_url(),
-        })?;
     if status >= 300 && status != 400 && status != 422 {
         return Err(Error::PrometheusStatus {
             server: server.to_owned(),
             status,
-            body: body.chars().take(200).collect(),
         });
     }
-    prometheus_value(&body).map_err(|message| Error::PrometheusResult {
+    let body =
+        crate::controller::http::read_bounded(response, crate::controller::http::MAX_BODY_BYTES)
+            .await
+            .map_err(|source| Error::PrometheusBody {
+                server: server.to_owned(),
+                source,
+            })?;
+    prometheus_value(&String::from_utf8_lossy(&body)).map_err(|message| Error::PrometheusResult {
         server: server.to_owned(),
         query: query.to_owned(),
         message,
@@ -252,8 +268,14 @@ pub async fn prometheus(
 
 /// Pure: the number in a Prometheus HTTP API answer.
 pub fn prometheus_value(body: &str) -> Result<f64, String> {
-    let response: PromResponse =
-        serde_json::from_str(body).map_err(|e| format!("not a Prometheus API answer: {e}"))?;
+    let response: PromResponse = serde_json::from_str(body).map_err(|e| {
+        // Where, not what: the answer's text is not repeated into status.
+        format!(
+            "not a Prometheus API answer (line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    })?;
     if response.status != "success" {
         return Err(response.error.unwrap_or_else(|| response.status.clone()));
     }
@@ -785,6 +807,44 @@ mod tests {
         assert!(prometheus_value("<html>").is_err());
         let nan = r#"{"status":"success","data":{"resultType":"scalar","result":[1,"NaN"]}}"#;
         assert!(prometheus_value(nan).is_err());
+    }
+
+    /// Found in review: `serverAddress` made the operator GET any URL and repeat 200 bytes of
+    /// the answer into status, readable by whoever may read the policy.
+    #[tokio::test]
+    async fn prometheus_is_queried_only_on_listed_hosts_and_never_echoed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 2048];
+                let _ = stream.read(&mut buf).await;
+                let body = "SECRET-TOKEN-abc123 internal admin page";
+                let answer = format!(
+                    "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        let http = crate::controller::http::client();
+        let server = format!("http://{addr}");
+        let timeout = Duration::from_secs(2);
+        let unlisted = prometheus(&http, &server, &[], "up", timeout).await;
+        let message = error_chain(&unlisted.unwrap_err());
+        assert!(
+            message.contains("\"127.0.0.1\" is not one the operator may query")
+                && message.contains("prometheusHosts"),
+            "{message}"
+        );
+        let listed = prometheus(&http, &server, &["127.0.0.1".into()], "up", timeout).await;
+        let message = error_chain(&listed.unwrap_err());
+        assert!(message.contains("HTTP 500"), "{message}");
+        assert!(
+            !message.contains("SECRET"),
+            "the body is not echoed: {message}"
+        );
     }
 
     #[test]

@@ -15,9 +15,9 @@ use super::collect::{self, Collected, Reading};
 use super::decide::{Memory, decide};
 use crate::api::scaling_policy::MetricType;
 use crate::api::{EdgeDeployment, ScalingPolicy};
-use crate::controller::context::{Context, FIELD_MANAGER, Notice};
+use crate::controller::context::{Backoff, Context, FIELD_MANAGER, Notice};
 use crate::controller::edge_deployment::plan::traffic_revisions;
-use crate::controller::edge_deployment::workload::{NAME_LABEL, RUNTIME_PORT};
+use crate::controller::edge_deployment::workload::{RUNTIME_PORT, runtime_selector};
 use crate::controller::status::apply_status;
 use crate::controller::{audit, compliance_profile};
 use crate::telemetry::error_chain;
@@ -34,6 +34,8 @@ pub struct ScalingContext {
     pub concurrency: usize,
     /// Bound on each scrape and Prometheus query.
     pub timeout: Duration,
+    /// Hosts a Prometheus metric's `serverAddress` may name (exact, or `*.suffix`).
+    pub prometheus_hosts: Vec<String>,
     /// Each policy's memory, by `namespace/name`.
     memory: Mutex<HashMap<String, Memory>>,
 }
@@ -42,12 +44,19 @@ impl ScalingContext {
     pub fn new(base: Arc<Context>) -> Self {
         Self {
             base,
-            http: reqwest::Client::new(),
+            http: crate::controller::http::client(),
             metrics_port: RUNTIME_PORT as u16,
             concurrency: 32,
             timeout: Duration::from_secs(2),
+            prometheus_hosts: Vec::new(),
             memory: Mutex::default(),
         }
+    }
+
+    /// Allows Prometheus queries to these hosts (exact names, or `*.suffix`).
+    pub fn with_prometheus_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.prometheus_hosts = hosts;
+        self
     }
 
     fn recall(&self, key: &str) -> Memory {
@@ -244,7 +253,7 @@ async fn collect(
 ) -> Result<(Vec<Reading>, collect::Previous), Error> {
     let metrics = &policy.spec.metrics;
     let namespace = ed.namespace().unwrap_or_default();
-    let selector = format!("{NAME_LABEL}={}", ed.name_any());
+    let selector = runtime_selector(&ed.name_any(), None);
     let wants = |types: &[MetricType]| metrics.iter().any(|m| types.contains(&m.type_));
     let mut collected = Collected::default();
 
@@ -287,9 +296,10 @@ async fn collect(
             return None;
         };
         Some(async move {
-            let value = collect::prometheus(&ctx.http, server, query, ctx.timeout)
-                .await
-                .map_err(|e| error_chain(&e));
+            let value =
+                collect::prometheus(&ctx.http, server, &ctx.prometheus_hosts, query, ctx.timeout)
+                    .await
+                    .map_err(|e| error_chain(&e));
             (i, value)
         })
     });
@@ -300,12 +310,19 @@ async fn collect(
     Ok(collect::readings(metrics, &collected, &memory.previous))
 }
 
-pub fn error_policy(
-    _policy: Arc<ScalingPolicy>,
-    error: &Error,
+pub fn error_policy(policy: Arc<ScalingPolicy>, error: &Error, ctx: Arc<ScalingContext>) -> Action {
+    ctx.base
+        .retry_failed(CONTROLLER, policy.as_ref(), error, error.kind())
+}
+
+/// `reconcile`, and a success forgets the object's failures (its backoff starts over).
+pub async fn reconcile_and_reset(
+    policy: Arc<ScalingPolicy>,
     ctx: Arc<ScalingContext>,
-) -> Action {
-    tracing::warn!(%error, "ScalingPolicy reconcile failed");
-    ctx.base.metrics.reconcile_failed(CONTROLLER, error.kind());
-    Action::requeue(Duration::from_secs(15))
+) -> Result<Action, Error> {
+    let key = Backoff::key(policy.as_ref());
+    let base = ctx.base.clone();
+    base.backoff
+        .reset_on_success(key, reconcile(policy, ctx))
+        .await
 }
