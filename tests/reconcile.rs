@@ -377,17 +377,22 @@ async fn missing_crds_stop_the_controller_with_install_instructions() {
     );
 }
 
-#[tokio::test]
-async fn leader_election_creates_the_lease_then_loses_a_race() {
-    let (ctx, mut server) = context();
-    let elector = Arc::new(LeaderElector::new(
+/// replica-a's elector for the operator's Lease, on `clock`.
+fn replica_a(ctx: &Context, clock: Arc<dyn kasmina::controller::context::Clock>) -> LeaderElector {
+    LeaderElector::new(
         ctx.client.clone(),
         "kasmina-system",
         "kasmina-controller",
         "replica-a",
         LeaseTiming::default(),
-        ctx.clock.clone(),
-    ));
+        clock,
+    )
+}
+
+#[tokio::test]
+async fn leader_election_creates_the_lease_then_loses_a_race() {
+    let (ctx, mut server) = context();
+    let elector = Arc::new(replica_a(&ctx, ctx.clock.clone()));
     let lease_path =
         "/apis/coordination.k8s.io/v1/namespaces/kasmina-system/leases/kasmina-controller";
 
@@ -415,14 +420,7 @@ async fn leader_election_creates_the_lease_then_loses_a_race() {
     // expired: we try to take it, but b renewed first (409 Conflict).
     let clock = Arc::new(ManualClock::new(Timestamp::from_second(NOW).unwrap()));
     let (ctx, mut server) = context();
-    let elector = Arc::new(LeaderElector::new(
-        ctx.client.clone(),
-        "kasmina-system",
-        "kasmina-controller",
-        "replica-a",
-        LeaseTiming::default(),
-        clock.clone(),
-    ));
+    let elector = Arc::new(replica_a(&ctx, clock.clone()));
     let expired = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": "kasmina-controller", "namespace": "kasmina-system", "resourceVersion": "7"},
         "spec": {"holderIdentity": "replica-b", "leaseDurationSeconds": 15,
@@ -465,14 +463,7 @@ async fn leader_election_creates_the_lease_then_loses_a_race() {
 #[tokio::test(start_paused = true)]
 async fn a_renewal_that_never_answers_loses_leadership_at_the_renew_deadline() {
     let (ctx, mut server) = context();
-    let elector = Arc::new(LeaderElector::new(
-        ctx.client.clone(),
-        "kasmina-system",
-        "kasmina-controller",
-        "replica-a",
-        LeaseTiming::default(),
-        ctx.clock.clone(),
-    ));
+    let elector = Arc::new(replica_a(&ctx, ctx.clock.clone()));
     let started = tokio::time::Instant::now();
     let e = elector.clone();
     let holding = tokio::spawn(async move {
@@ -499,14 +490,7 @@ async fn a_renewal_that_never_answers_loses_leadership_at_the_renew_deadline() {
 #[tokio::test(start_paused = true)]
 async fn holding_ends_when_the_controllers_stop() {
     let (ctx, _server) = context();
-    let elector = LeaderElector::new(
-        ctx.client.clone(),
-        "kasmina-system",
-        "kasmina-controller",
-        "replica-a",
-        LeaseTiming::default(),
-        ctx.clock.clone(),
-    );
+    let elector = replica_a(&ctx, ctx.clock.clone());
     let (stop, done) = (
         tokio_util::sync::CancellationToken::new(),
         tokio_util::sync::CancellationToken::new(),

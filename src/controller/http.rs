@@ -28,11 +28,12 @@ pub fn client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
-/// The body of `response`, or `TooLarge` once it passes `limit` bytes (announced or sent).
+/// The body of `response` as text (invalid UTF-8 replaced: both kinds of answer are parsed
+/// as text), or `TooLarge` once it passes `limit` bytes (announced or sent).
 pub async fn read_bounded(
     mut response: reqwest::Response,
     limit: usize,
-) -> Result<Vec<u8>, ReadError> {
+) -> Result<String, ReadError> {
     if response.content_length().is_some_and(|n| n > limit as u64) {
         return Err(ReadError::TooLarge { limit });
     }
@@ -47,7 +48,7 @@ pub async fn read_bounded(
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Whether `host` is one of `allowed`: an exact name, or `*.suffix` for any name under it.

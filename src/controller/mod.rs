@@ -358,11 +358,14 @@ pub async fn run(config: Config) -> Result<(), Error> {
         std::time::SystemTime::now(),
         std::process::id(),
     );
-    let settings = Settings {
-        image: config.image.clone(),
-        artifact_store: config.artifact_store.clone(),
-        artifact_store_secret: config.artifact_store_secret.clone(),
-        host_paths: config.host_paths.clone(),
+    let controllers = Controllers {
+        workload: Settings {
+            image: config.image.clone(),
+            artifact_store: config.artifact_store.clone(),
+            artifact_store_secret: config.artifact_store_secret.clone(),
+            host_paths: config.host_paths.clone(),
+        },
+        prometheus_hosts: config.prometheus_hosts.clone(),
     };
     let clock = Arc::new(SystemClock);
     let ctx = Arc::new(Context::new(
@@ -386,18 +389,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
             timing,
             clock,
         );
-        let controllers = (settings, config.prometheus_hosts.clone());
         lead(&elector, ctx, controllers, &metrics, &shutdown, &drain).await
     } else {
         metrics.set_leader(true);
-        run_controllers(
-            ctx,
-            settings,
-            config.prometheus_hosts.clone(),
-            shutdown.clone(),
-            drain.reconciles,
-        )
-        .await;
+        run_controllers(ctx, controllers, shutdown.clone(), drain.reconciles).await;
         Ok(())
     };
 
@@ -420,6 +415,14 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
     tracing::info!("stopped");
     result
+}
+
+/// What the controllers are started with, from the command line.
+struct Controllers {
+    /// How EdgeDeployments' children are made.
+    workload: Settings,
+    /// Hosts a ScalingPolicy's Prometheus queries may go to.
+    prometheus_hosts: Vec<String>,
 }
 
 /// How the drain timeout is shared out after SIGTERM; the watchdog ends the process at the
@@ -448,7 +451,7 @@ impl Drain {
 async fn lead(
     elector: &LeaderElector,
     ctx: Arc<Context>,
-    (settings, prometheus_hosts): (Settings, Vec<String>),
+    controllers: Controllers,
     metrics: &Metrics,
     shutdown: &CancellationToken,
     drain: &Drain,
@@ -466,7 +469,7 @@ async fn lead(
         let (leading, grace) = (leading.clone(), drain.reconciles);
         tokio::spawn(async move {
             let _finished = finished;
-            run_controllers(ctx, settings, prometheus_hosts, leading, grace).await;
+            run_controllers(ctx, controllers, leading, grace).await;
         })
     };
     let held = elector.hold_while(&leading, &done).await;
@@ -507,15 +510,14 @@ async fn lead(
 /// for at most `grace` (a controller whose caches never synced would wait forever).
 async fn run_controllers(
     ctx: Arc<Context>,
-    settings: Settings,
-    prometheus_hosts: Vec<String>,
+    controllers: Controllers,
     stop: CancellationToken,
     grace: std::time::Duration,
 ) {
     tracing::info!("starting controllers");
     let edge = Arc::new(edge_deployment::reconcile::EdgeContext::new(
         ctx.clone(),
-        settings,
+        controllers.workload,
     ));
     let all = async {
         tokio::join!(
@@ -523,7 +525,7 @@ async fn run_controllers(
             scaling_policy::run(
                 Arc::new(
                     scaling_policy::reconcile::ScalingContext::new(ctx.clone())
-                        .with_prometheus_hosts(prometheus_hosts)
+                        .with_prometheus_hosts(controllers.prometheus_hosts)
                 ),
                 stop.clone().cancelled_owned()
             ),

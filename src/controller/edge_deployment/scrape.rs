@@ -142,7 +142,7 @@ pub async fn scrape(
                 url: url.to_owned(),
                 source,
             })?;
-    parse(&String::from_utf8_lossy(&body)).map_err(|source| Error::Parse {
+    parse(&body).map_err(|source| Error::Parse {
         url: url.to_owned(),
         source,
     })

@@ -259,7 +259,7 @@ pub async fn prometheus(
                 server: server.to_owned(),
                 source,
             })?;
-    prometheus_value(&String::from_utf8_lossy(&body)).map_err(|message| Error::PrometheusResult {
+    prometheus_value(&body).map_err(|message| Error::PrometheusResult {
         server: server.to_owned(),
         query: query.to_owned(),
         message,
