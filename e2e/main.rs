@@ -32,6 +32,7 @@ scenarios! {
     blue_green => blue_green;
     autoscaling => autoscaling;
     compliance => compliance;
+    gateway_route => gateway_route;
     bad_input => bad_input;
     /// Kills and restarts operator replicas: `just e2e` runs it alone, after the others.
     operator_faults => faults;

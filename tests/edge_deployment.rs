@@ -13,6 +13,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use k8s_openapi::jiff::Timestamp;
 use kasmina::api::EdgeDeployment;
+use kasmina::api::condition::ConditionStatus;
 use kasmina::controller::context::{Context, FixedClock, Metrics};
 use kasmina::controller::edge_deployment::plan::{self, NAME_LABEL};
 use kasmina::controller::edge_deployment::reconcile::{EdgeContext, reconcile};
@@ -34,6 +35,8 @@ const SERVICES: &str = "/api/v1/namespaces/ml/services";
 struct Store {
     objects: BTreeMap<String, Value>,
     requests: Vec<(Method, String)>,
+    /// Writes under this path prefix are refused with this status code and message.
+    refuse: Option<(String, u16, String)>,
 }
 
 impl Store {
@@ -94,6 +97,16 @@ fn answer(
     };
     if path.ends_with("/events") {
         return (StatusCode::CREATED, body);
+    }
+    if let Some((prefix, code, message)) = &store.refuse
+        && *method != Method::GET
+        && path.starts_with(prefix.as_str())
+    {
+        let reason = if *code == 403 { "Forbidden" } else { "Invalid" };
+        return (
+            StatusCode::from_u16(*code).unwrap(),
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message}),
+        );
     }
     match *method {
         Method::GET => {
@@ -265,7 +278,8 @@ impl Cluster {
     /// A reconcile creates the build Job of `rev`, which then succeeds with `digest`.
     async fn build(&self, rev: &str, digest: &str) {
         self.reconcile().await;
-        self.finish_job(&format!("sentiment-build-{}", &rev[..8]), &summary(digest));
+        let summary = summary(digest).replace("/x/", &format!("/{rev}/"));
+        self.finish_job(&format!("sentiment-build-{}", &rev[..8]), &summary);
     }
 
     /// `n` rounds of a reconcile followed by every Deployment becoming available.
@@ -502,11 +516,11 @@ async fn failed_analysis_rolls_back_to_stable() {
     let candidate = new_version(&cluster, "2.0.0").await;
     cluster.build(&candidate, "sha256:two").await;
     cluster.rounds(3).await;
-    // At the analysis step, with a baseline of zero counters one interval ago.
+    // At the analysis step, with a baseline of the pod's counters at zero one interval ago.
     let mut ed = cluster.get(ED_PATH);
     assert_eq!(ed["status"]["currentStep"], 1, "{:#}", ed["status"]);
     ed["status"]["analysis"] = json!({"revision": candidate, "baseline": {"at": "2027-01-15T07:59:00Z",
-        "candidate": {"requests": 0.0, "errors": 0.0, "buckets": []}}});
+        "candidatePods": [{"pod": "canary-pod", "requests": 0.0, "errors": 0.0, "buckets": []}]}});
     cluster.put(ED_PATH, ed);
     let pod = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "canary-pod", "namespace": "ml", "labels": {NAME_LABEL: "sentiment", "app.kubernetes.io/component": "runtime", "kasmina.dev/revision": candidate}},
@@ -540,6 +554,106 @@ async fn failed_analysis_rolls_back_to_stable() {
         record.reason
     );
     assert_eq!(status.analysis.unwrap().values["errorRate"], 0.4);
+}
+
+#[tokio::test]
+async fn a_write_only_a_user_can_unblock_is_a_condition_not_only_a_log_line() {
+    let cluster = Cluster::new(NOW, 0);
+    serving(&cluster, canary()).await;
+    let candidate = new_version(&cluster, "2.0.0").await;
+    let job = format!("{JOBS}/sentiment-build-{}", &candidate[..8]);
+    cluster.store.lock().unwrap().refuse = Some((
+        JOBS.to_owned(),
+        403,
+        format!(
+            "jobs.batch \"sentiment-build-{}\" is forbidden: exceeded quota: ml-quota, requested: count/jobs.batch=1, used: count/jobs.batch=10, limited: count/jobs.batch=10",
+            &candidate[..8]
+        ),
+    ));
+    let error = reconcile(Arc::new(cluster.ed()), cluster.ctx.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(error.needs_user(), Some("QuotaExceeded"));
+    let ready = |ed: &EdgeDeployment| {
+        ed.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned())
+            .unwrap()
+    };
+    let c = ready(&cluster.ed());
+    assert_eq!(
+        (c.status, c.reason.as_str()),
+        (ConditionStatus::False, "QuotaExceeded")
+    );
+    assert!(
+        c.message.contains("apply Job sentiment-build-") && c.message.contains("ml-quota"),
+        "names the object and the quota: {}",
+        c.message
+    );
+    assert!(!cluster.has(&job));
+    // The quota raised, the next reconcile builds and Ready is planned afresh.
+    cluster.store.lock().unwrap().refuse = None;
+    cluster.reconcile().await;
+    assert!(cluster.has(&job));
+    assert_ne!(ready(&cluster.ed()).reason, "QuotaExceeded");
+    // A server error passes by itself: retried with backoff, no condition.
+    let transient = kasmina::controller::edge_deployment::reconcile::Error::Api {
+        verb: "apply",
+        what: "Job x".into(),
+        namespace: "ml".into(),
+        source: kube::Error::Api(Box::new(
+            kube::core::Status::failure("etcd timeout", "InternalError").with_code(500),
+        )),
+    };
+    assert_eq!(transient.needs_user(), None);
+}
+
+#[tokio::test]
+async fn deleting_an_edge_deployment_deletes_its_artifacts_before_it_goes() {
+    let cluster = Cluster::new(NOW, 0);
+    let first = serving(&cluster, canary()).await;
+    let ed = cluster.get(ED_PATH);
+    assert_eq!(
+        ed["metadata"]["finalizers"],
+        json!(["kasmina.dev/artifacts"]),
+        "held from the first reconcile"
+    );
+    let second = new_version(&cluster, "2.0.0").await;
+    cluster.build(&second, "sha256:two").await;
+    cluster.rounds(3).await;
+
+    // `kubectl delete`: the API server sets deletionTimestamp and waits for the finalizer.
+    let mut ed = cluster.get(ED_PATH);
+    ed["metadata"]["deletionTimestamp"] = json!("2027-01-15T08:00:00Z");
+    cluster.put(ED_PATH, ed);
+    let writes = cluster.reconcile().await;
+    let job_path = format!("{JOBS}/sentiment-cleanup-ed-uid");
+    assert_eq!(
+        writes,
+        vec![format!("PATCH {job_path}")],
+        "only the cleanup Job"
+    );
+    let job = cluster.get(&job_path);
+    let args = job["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    for rev in [&first, &second] {
+        let uri = format!("s3://artifacts/ml/sentiment/{rev}/");
+        assert!(
+            args.as_array().unwrap().contains(&json!(uri)),
+            "{uri} in {args}"
+        );
+    }
+    assert!(job["metadata"].get("ownerReferences").is_none());
+    // Running: the object stays.
+    assert!(cluster.reconcile().await.is_empty());
+    assert_eq!(
+        cluster.get(ED_PATH)["metadata"]["finalizers"],
+        json!(["kasmina.dev/artifacts"])
+    );
+    // Done: the finalizer goes (and with it, on a real server, the object).
+    cluster.finish_job("sentiment-cleanup-ed-uid", "");
+    let writes = cluster.reconcile().await;
+    assert_eq!(writes, vec![format!("PATCH {ED_PATH}")]);
+    assert_eq!(cluster.get(ED_PATH)["metadata"]["finalizers"], json!([]));
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::support::model::{self, healthy, infer_body, minilm};
 use crate::support::traffic::{Load, Traffic, infer_once};
-use crate::support::{Scenario, event, wait};
+use crate::support::{Scenario, event, kubectl, wait, wait_gone};
 
 const NAME: &str = "minilm";
 const FIVE_MINUTES: Duration = Duration::from_secs(300);
@@ -246,5 +246,47 @@ pub async fn run_scenario() {
     s.traffic("probe", &tally);
     tally.assert_no_failures("probe traffic through the lifecycle");
     tally.assert_answered_by(&["1.0.0", "2.0.0"]);
+
+    // 6. Deleting it deletes every artifact it built before the object goes (its finalizer).
+    let built = status.revisions.len();
+    let store = std::path::PathBuf::from(format!("/var/lib/kasmina/artifacts/{}/{NAME}", s.ns));
+    // The local control plane's pods write this host's store; a kind node's is not visible.
+    let local = store.is_dir();
+    let deleting = Instant::now();
+    kubectl(
+        &[
+            "delete",
+            "edgedeployment",
+            NAME,
+            "-n",
+            &s.ns,
+            "--wait=false",
+        ],
+        None,
+    );
+    wait_gone(eds.clone(), NAME, Duration::from_secs(120)).await;
+    s.seconds(
+        "delete → artifacts deleted, object gone",
+        deleting.elapsed(),
+    );
+    let note = event(
+        &s.client,
+        &s.ns,
+        "EdgeDeployment",
+        NAME,
+        "ArtifactsDeleted",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        note.contains(&second) && note.contains(&first),
+        "the Event names the artifacts: {note}"
+    );
+    if local {
+        let left: Vec<_> = std::fs::read_dir(&store)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{built} artifacts built, left: {left:?}");
+    }
     s.end().await;
 }

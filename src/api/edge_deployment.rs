@@ -384,6 +384,13 @@ pub struct GatewayApiRouting {
     /// Name of the HTTPRoute in the same namespace whose backendRefs Kasmina sets.
     #[schemars(length(min = 1, max = 253))]
     pub http_route: String,
+
+    /// Name of the rule (`spec.rules[].name`) that carries the split. Unset: the rules that
+    /// already send traffic to this EdgeDeployment's Service, or the route's only rule. Only
+    /// the weights of this EdgeDeployment's two Services in those rules are ever changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub rule: Option<String>,
 }
 
 /// One step of a canary rollout. Set exactly one of its fields.
@@ -673,20 +680,35 @@ pub struct AnalysisStatus {
     pub baseline: Option<AnalysisBaseline>,
 }
 
-/// Counters of the candidate and stable revisions at the start of an interval.
+/// Counters of the candidate and stable revisions' pods at the start of an interval. Deltas are
+/// taken per pod, so a pod missing from one scrape or scaled away is not mistaken for a counter
+/// reset.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AnalysisBaseline {
     /// When the counters were read.
     pub at: Time,
-    /// The candidate revision's counters.
-    pub candidate: Counters,
-    /// The stable revision's counters, for limits relative to stable.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stable: Option<Counters>,
+    /// Each answering candidate pod's counters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub candidate_pods: Vec<PodCounters>,
+    /// Each answering stable pod's counters, for limits relative to stable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub stable_pods: Vec<PodCounters>,
 }
 
-/// Request counters of one revision, summed over its pods.
+/// One runtime pod's counters.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodCounters {
+    /// The pod's name.
+    pub pod: String,
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// Request counters of one runtime pod.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Counters {

@@ -53,7 +53,9 @@ pub fn action_of(reason: &str) -> Option<(&'static str, &'static str)> {
         "RolledBack" => ("rollback", "rolled back"),
         "RolloutAborted" | "ArtifactRefused" => ("rollback", "aborted"),
         "SuccessfulRescale" => ("scale", "scaled"),
-        "RetentionExpired" => ("retention", "deleted"),
+        "RetentionExpired" | "RevisionsTrimmed" | "ArtifactsDeleted" => ("retention", "deleted"),
+        "DeletingArtifacts" => ("retention", "started"),
+        "ArtifactsNotDeleted" => ("retention", "failed"),
         _ => return None,
     })
 }
@@ -103,6 +105,19 @@ pub fn spec_manager(meta: &ObjectMeta) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_artifact_deletion_is_audited() {
+        for (reason, decision) in [
+            ("RetentionExpired", "deleted"),
+            ("RevisionsTrimmed", "deleted"),
+            ("DeletingArtifacts", "started"),
+            ("ArtifactsDeleted", "deleted"),
+            ("ArtifactsNotDeleted", "failed"),
+        ] {
+            assert_eq!(action_of(reason), Some(("retention", decision)), "{reason}");
+        }
+    }
 
     #[test]
     fn decisions_become_records_naming_who_and_what() {

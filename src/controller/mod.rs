@@ -227,7 +227,11 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
     // `optimization.profile: auto` plans for the smallest selected node.
     ("", "nodes", &["list"]),
     // Canary weights through a user's HTTPRoute.
-    ("gateway.networking.k8s.io", "httproutes", &["get", "patch"]),
+    (
+        "gateway.networking.k8s.io",
+        "httproutes",
+        &["get", "update"],
+    ),
     // The webhook's caBundle (the chart narrows it to its own configuration by name).
     (
         "admissionregistration.k8s.io",

@@ -1,5 +1,5 @@
-//! Pure analysis of a revision over one interval: from two snapshots of its runtime pods'
-//! counters (summed over pods), the error rate, latency quantiles (as Prometheus'
+//! Pure analysis of a revision over one interval: from two scrapes of its runtime pods, each
+//! pod's counter deltas summed, the error rate, latency quantiles (as Prometheus'
 //! `histogram_quantile` computes them from bucket deltas) and the cognitive load; then the
 //! spec's checks, absolute and relative to the stable revision, into a rollout measurement.
 
@@ -8,11 +8,12 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::api::edge_deployment::{
     AnalysisBaseline, AnalysisMetric, AnalysisSpec, AnalysisStatus, Bucket, Counters, MetricCheck,
+    PodCounters,
 };
 
 use super::rollout::Measurement;
 
-/// Counters of one revision at one scrape, summed over its pods.
+/// Counters of one pod (or, summed, of several) at one scrape.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// `kasmina_requests_total`, all codes.
@@ -37,6 +38,20 @@ pub struct Gauges {
     pub capacity: Option<f64>,
     pub load: Option<f64>,
 }
+
+/// One runtime pod's scrape.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodSnapshot {
+    pub pod: String,
+    /// The pod's `status.startTime`: a pod absent from the interval's baseline counts from zero
+    /// only if it started after it.
+    pub started: Option<Timestamp>,
+    pub snapshot: Snapshot,
+}
+
+/// Pods kept in a baseline per revision (the schema's bound); a pod past it is left out of the
+/// next interval, as a pod that did not answer is.
+pub const MAX_BASELINE_PODS: usize = 64;
 
 /// What one interval measured.
 #[derive(Clone, Debug, PartialEq)]
@@ -64,32 +79,83 @@ impl Window {
 /// The interval between two snapshots; None without requests in it (nothing to judge).
 /// A counter that went down (a pod restarted) counts from zero, as Prometheus' `rate` does.
 pub fn window(before: &Snapshot, after: &Snapshot) -> Option<Window> {
-    let delta = |a: f64, b: f64| if b >= a { b - a } else { b };
-    let requests = delta(before.requests, after.requests);
+    window_of(&delta(before, after), after.load)
+}
+
+/// The interval since `baseline` (read at `since`) of a revision's pods: each pod's counters
+/// are differenced against its own baseline and the differences summed. A pod absent from the
+/// baseline counts from zero if it started since, and is left out otherwise (its baseline was
+/// not read: judging its lifetime totals as one interval would be wrong); a pod absent now
+/// (scaled away, not answering) is simply not in the sum. The load is the answering pods' mean.
+pub fn interval(
+    baseline: &[PodCounters],
+    since: Timestamp,
+    after: &[PodSnapshot],
+) -> Option<Window> {
+    let mut total = Snapshot::default();
+    let mut counted = false;
+    for p in after {
+        let before = match baseline.iter().find(|b| b.pod == p.pod) {
+            Some(b) => Snapshot::from_counters(&b.counters),
+            None if p.started.is_some_and(|at| at >= since) => Snapshot::default(),
+            None => continue,
+        };
+        let d = delta(&before, &p.snapshot);
+        total.requests += d.requests;
+        total.errors += d.errors;
+        for (le, count) in d.buckets {
+            match total.buckets.binary_search_by(|(l, _)| l.total_cmp(&le)) {
+                Ok(i) => total.buckets[i].1 += count,
+                Err(i) => total.buckets.insert(i, (le, count)),
+            }
+        }
+        counted = true;
+    }
+    if !counted {
+        return None;
+    }
+    let load = after.iter().map(|p| p.snapshot.load).sum::<f64>() / after.len() as f64;
+    window_of(&total, load)
+}
+
+/// What one pod served between two of its scrapes.
+fn delta(before: &Snapshot, after: &Snapshot) -> Snapshot {
+    // A counter that went down restarted: all of it is new.
+    let reset = after.requests < before.requests;
+    let d = |a: f64, b: f64| if reset || b < a { b } else { b - a };
+    Snapshot {
+        requests: d(before.requests, after.requests),
+        errors: d(before.errors, after.errors),
+        buckets: after
+            .buckets
+            .iter()
+            .map(|&(le, count)| {
+                let prior = before
+                    .buckets
+                    .iter()
+                    .find(|(l, _)| *l == le)
+                    .map_or(0.0, |(_, c)| *c);
+                (le, d(prior, count))
+            })
+            .collect(),
+        ..Snapshot::default()
+    }
+}
+
+fn window_of(delta: &Snapshot, load: f64) -> Option<Window> {
+    let requests = delta.requests;
     if requests <= 0.0 {
         return None;
     }
-    let errors = delta(before.errors, after.errors).min(requests);
-    let buckets: Vec<(f64, f64)> = after
-        .buckets
-        .iter()
-        .map(|(le, count)| {
-            let prior = before
-                .buckets
-                .iter()
-                .find(|(l, _)| l == le)
-                .map_or(0.0, |(_, c)| *c);
-            (*le, delta(prior, *count))
-        })
-        .collect();
-    let q = |p| quantile(p, &buckets) * 1e3;
+    let errors = delta.errors.min(requests);
+    let q = |p| quantile(p, &delta.buckets) * 1e3;
     Some(Window {
         requests,
         error_rate: errors / requests,
         p50_ms: q(0.50),
         p95_ms: q(0.95),
         p99_ms: q(0.99),
-        load: after.load,
+        load,
     })
 }
 
@@ -205,6 +271,16 @@ impl Snapshot {
     }
 }
 
+fn counters_of(pods: &[PodSnapshot]) -> Vec<PodCounters> {
+    pods.iter()
+        .take(MAX_BASELINE_PODS)
+        .map(|p| PodCounters {
+            pod: p.pod.clone(),
+            counters: p.snapshot.counters(),
+        })
+        .collect()
+}
+
 /// Whether the candidate is due a scrape: no baseline for it yet, or an interval has passed.
 pub fn due(
     spec: Option<&AnalysisSpec>,
@@ -238,8 +314,8 @@ pub fn measure(
     spec: &AnalysisSpec,
     candidate_rev: &str,
     prior: Option<&AnalysisStatus>,
-    candidate: Option<&Snapshot>,
-    stable: Option<&Snapshot>,
+    candidate: Option<&[PodSnapshot]>,
+    stable: Option<&[PodSnapshot]>,
     now: Timestamp,
 ) -> (Option<Measurement>, AnalysisStatus) {
     let mut status = prior
@@ -249,21 +325,24 @@ pub fn measure(
             revision: candidate_rev.to_owned(),
             ..AnalysisStatus::default()
         });
-    let baseline = status.baseline.take();
+    // A baseline without pods (none answered, or written before baselines were per pod)
+    // only starts the next interval.
+    let baseline = status
+        .baseline
+        .take()
+        .filter(|b| !b.candidate_pods.is_empty());
     status.baseline = candidate.map(|c| AnalysisBaseline {
         at: Time(now),
-        candidate: c.counters(),
-        stable: stable.map(Snapshot::counters),
+        candidate_pods: counters_of(c),
+        stable_pods: stable.map(counters_of).unwrap_or_default(),
     });
     let Some(baseline) = baseline else {
         return (None, status);
     };
+    let since = baseline.at.0;
     let windows = candidate.map(|c| {
-        let cw = window(&Snapshot::from_counters(&baseline.candidate), c);
-        let sw = match (&baseline.stable, stable) {
-            (Some(before), Some(after)) => window(&Snapshot::from_counters(before), after),
-            _ => None,
-        };
+        let cw = interval(&baseline.candidate_pods, since, c);
+        let sw = stable.and_then(|s| interval(&baseline.stable_pods, since, s));
         (cw, sw)
     });
     let (cw, sw) = windows.unwrap_or((None, None));
@@ -382,6 +461,73 @@ mod tests {
         // A restarted pod resets its counters: counted from zero.
         let restarted = snap(50.0, 0.0, &[(0.01, 50.0), (f64::INFINITY, 50.0)], 0.1);
         assert_eq!(window(&after, &restarted).unwrap().requests, 50.0);
+    }
+
+    fn pod(name: &str, started: i64, s: Snapshot) -> PodSnapshot {
+        PodSnapshot {
+            pod: name.into(),
+            started: Some(Timestamp::from_second(started).unwrap()),
+            snapshot: s,
+        }
+    }
+
+    fn base(pods: &[PodSnapshot]) -> Vec<PodCounters> {
+        counters_of(pods)
+    }
+
+    #[test]
+    fn an_interval_sums_each_pods_own_deltas() {
+        let buckets = |n: f64| [(0.01, n), (f64::INFINITY, n)];
+        let at = 1_000;
+        let since = Timestamp::from_second(at).unwrap();
+        let a0 = pod("a", 0, snap(1000.0, 0.0, &buckets(1000.0), 0.2));
+        let b0 = pod("b", 0, snap(5000.0, 0.0, &buckets(5000.0), 0.2));
+        let baseline = base(&[a0.clone(), b0.clone()]);
+        // b does not answer this scrape: a's 10 requests (1 failed) are the interval, and b's
+        // lifetime is not mistaken for a reset of the sum.
+        let a1 = pod("a", 0, snap(1010.0, 1.0, &buckets(1010.0), 0.4));
+        let w = interval(&baseline, since, std::slice::from_ref(&a1)).unwrap();
+        assert_eq!(w.requests, 10.0);
+        assert!((w.error_rate - 0.1).abs() < 1e-12);
+        // A sum over pods would have seen 1010 < 6000 and judged 1010 requests.
+        let summed = window(
+            &Snapshot {
+                requests: 6000.0,
+                ..Snapshot::default()
+            },
+            &a1.snapshot,
+        )
+        .unwrap();
+        assert_eq!(summed.requests, 1010.0, "the defect per-pod deltas remove");
+        // A pod that restarted counts from zero; one that started since the baseline too.
+        let b1 = pod("b", 0, snap(20.0, 20.0, &buckets(20.0), 0.6));
+        let c1 = pod("c", at + 5, snap(30.0, 0.0, &buckets(30.0), 0.2));
+        let w = interval(&baseline, since, &[a1.clone(), b1, c1]).unwrap();
+        assert_eq!(w.requests, 60.0);
+        assert!((w.error_rate - 21.0 / 60.0).abs() < 1e-12);
+        assert!((w.load - 0.4).abs() < 1e-12, "mean of the answering pods");
+        // A pod that was running but missing from the baseline is left out this interval.
+        let late = pod("d", 0, snap(9000.0, 9000.0, &buckets(9000.0), 1.0));
+        let w = interval(&baseline, since, &[a1, late]).unwrap();
+        assert_eq!((w.requests, w.error_rate), (10.0, 0.1));
+        assert_eq!(interval(&baseline, since, &[]), None);
+    }
+
+    #[test]
+    fn a_baseline_without_pods_only_starts_the_next_interval() {
+        let spec: AnalysisSpec = serde_json::from_value(serde_json::json!({
+            "interval": "1m", "checks": [{"metric": "errorRate", "max": 0.05}]}))
+        .unwrap();
+        let now = Timestamp::from_second(2_000).unwrap();
+        // As written by a release with summed baselines: the pods are unknown.
+        let old: AnalysisStatus = serde_json::from_value(serde_json::json!({
+            "revision": "r1", "baseline": {"at": "1970-01-01T00:16:40Z",
+            "candidate": {"requests": 0.0, "errors": 0.0, "buckets": []}}}))
+        .unwrap();
+        let sick = [pod("a", 0, snap(100.0, 100.0, &[], 0.1))];
+        let (m, status) = measure(&spec, "r1", Some(&old), Some(&sick), None, now);
+        assert_eq!(m, None, "lifetime totals are not judged");
+        assert_eq!(status.baseline.unwrap().candidate_pods.len(), 1);
     }
 
     #[test]

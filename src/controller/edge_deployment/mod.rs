@@ -1,6 +1,7 @@
 //! The EdgeDeployment controller: revisions, artifacts, workloads and rollouts.
 
 pub mod analysis;
+pub mod cleanup;
 pub mod plan;
 pub mod reconcile;
 pub mod rollout;

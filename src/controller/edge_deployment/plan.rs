@@ -21,8 +21,8 @@ use super::workload::{self, REVISION_LABEL, Settings};
 use crate::api::condition::{self, Condition, ConditionStatus};
 use crate::api::edge_deployment::{
     AnalysisStatus, ArtifactStatus, DeviceProfile, EdgeDeployment, EdgeDeploymentSpec,
-    EdgeDeploymentStatus, Phase, RevisionRecord, RolloutOutcome, RolloutRecord, RolloutState,
-    StrategyType,
+    EdgeDeploymentStatus, GatewayApiRouting, Phase, RevisionRecord, RolloutOutcome, RolloutRecord,
+    RolloutState, StrategyType,
 };
 use crate::controller::context::Notice;
 use crate::controller::status::condition as cond;
@@ -112,8 +112,9 @@ pub struct Plan {
     pub delete_jobs: Vec<String>,
     pub delete_deployments: Vec<String>,
     pub delete_services: Vec<String>,
-    /// A merge patch of the HTTPRoute's rules: (route name, patch).
-    pub route_patch: Option<(String, Value)>,
+    /// The HTTPRoute with this EdgeDeployment's backend weights changed, to replace under its
+    /// resourceVersion: (route name, route).
+    pub route_update: Option<(String, Value)>,
     /// Command annotation to remove from the object.
     pub consume: Option<String>,
     pub requeue: Duration,
@@ -128,7 +129,7 @@ impl Plan {
             && self.delete_jobs.is_empty()
             && self.delete_deployments.is_empty()
             && self.delete_services.is_empty()
-            && self.route_patch.is_none()
+            && self.route_update.is_none()
             && self.consume.is_none())
     }
 }
@@ -138,6 +139,29 @@ pub fn own_status(status: &EdgeDeploymentStatus) -> EdgeDeploymentStatus {
     let mut s = status.clone();
     s.conditions
         .retain(|c| OWN_CONDITIONS.contains(&c.type_.as_str()));
+    s
+}
+
+/// `status` (the plan's, or what it was) with `Ready=False` for a write the API server refused
+/// and only a user can unblock (RBAC, a quota, an admission policy): the next reconcile that
+/// succeeds plans Ready afresh.
+pub fn refused(
+    status: &EdgeDeploymentStatus,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> EdgeDeploymentStatus {
+    let mut s = own_status(status);
+    let ready = cond(
+        READY,
+        ConditionStatus::False,
+        reason,
+        message,
+        generation,
+        now,
+    );
+    condition::upsert(&mut s.conditions, ready);
     s
 }
 
@@ -360,32 +384,51 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
             plan.delete_services.push(s.name_any());
         }
     }
-    let mut route_missing = None;
-    if let Some(route_name) = gateway_route(&ed.spec) {
+    let mut route_problem = None;
+    if let Some(routing) = gateway_route(&ed.spec) {
+        let route_name = routing.http_route.clone();
         match &seen.route {
-            Some(route) => {
-                plan.route_patch =
-                    route_patch(ed, route, next.weight).map(|p| (route_name.clone(), p));
+            Some(route) => match route_update(ed, routing, route, next.weight) {
+                Ok(update) => plan.route_update = update.map(|r| (route_name, r)),
+                Err(e) => route_problem = Some(("HTTPRouteRuleNotFound", e.to_string())),
+            },
+            None => {
+                route_problem = Some((
+                    "HTTPRouteNotFound",
+                    format!(
+                        "HTTPRoute {route_name} (spec.strategy.canary.trafficRouting.gatewayAPI.httpRoute) not found; traffic weights are not applied"
+                    ),
+                ))
             }
-            None => route_missing = Some(route_name),
         }
     }
 
     // 4. Status.
     // Bounded history of built revisions; live ones are never forgotten.
+    // A revision that leaves status takes its artifact with it: nothing else remembers it.
     let limit = ed.spec.revision_history_limit.max(1) as usize;
     let mut kept = 0;
-    status.revisions.retain(|r| {
-        kept += 1;
-        kept <= limit || live.contains(&r.name) || r.name == target
-    });
-    if let Some(days) = seen.retention_days {
-        let expired = expire(&mut status, &live, &target, days, now);
-        if !expired.is_empty() {
-            let (job, notice) = retention(ed, settings, &expired, days);
-            plan.notices.push(notice);
-            plan.jobs.push(job);
-        }
+    let (retained, trimmed): (Vec<RevisionRecord>, Vec<RevisionRecord>) =
+        std::mem::take(&mut status.revisions)
+            .into_iter()
+            .partition(|r| {
+                kept += 1;
+                kept <= limit || live.contains(&r.name) || r.name == target
+            });
+    status.revisions = retained;
+    let expired = match seen.retention_days {
+        Some(days) => expire(&mut status, &live, &target, days, now),
+        None => vec![],
+    };
+    if let Some((job, notices)) = artifact_deletion(
+        ed,
+        settings,
+        &trimmed,
+        &expired,
+        seen.retention_days.unwrap_or_default(),
+    ) {
+        plan.notices.extend(notices);
+        plan.jobs.push(job);
     }
     if let Some((_, analysis)) = &seen.analysis {
         status.analysis = Some(analysis.clone());
@@ -510,12 +553,8 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
             &artifact_cond.message,
         ));
     }
-    if let Some(route) = route_missing {
-        plan.notices.push(Notice::warning(
-            "HTTPRouteNotFound",
-            "Route",
-            format!("HTTPRoute {route} (spec.strategy.canary.trafficRouting.gatewayAPI.httpRoute) not found; traffic weights are not applied"),
-        ));
+    if let Some((reason, message)) = route_problem {
+        plan.notices.push(Notice::warning(reason, "Route", message));
     }
     if ed.spec.strategy.analysis.is_some() {
         let a = status.analysis.as_ref();
@@ -741,34 +780,57 @@ fn expire(
     expired
 }
 
-/// The Job that deletes the expired revisions' artifacts, and the Event saying so.
-fn retention(
+/// The Job that deletes the artifacts of revisions trimmed by the history limit and expired
+/// by `retentionDays`, and an Event for each reason; None when no revision left.
+fn artifact_deletion(
     ed: &EdgeDeployment,
     settings: &Settings,
+    trimmed: &[RevisionRecord],
     expired: &[RevisionRecord],
     days: u32,
-) -> (Job, Notice) {
-    let names: Vec<&str> = expired.iter().map(|r| r.name.as_str()).collect();
-    let uris: Vec<String> = expired
-        .iter()
-        .map(|r| {
-            r.artifact
-                .uri
-                .clone()
-                .unwrap_or_else(|| workload::artifact_uri(settings, ed, &r.name))
-        })
-        .collect();
+) -> Option<(Job, Vec<Notice>)> {
+    if trimmed.is_empty() && expired.is_empty() {
+        return None;
+    }
+    let uri = |r: &RevisionRecord| {
+        r.artifact
+            .uri
+            .clone()
+            .unwrap_or_else(|| workload::artifact_uri(settings, ed, &r.name))
+    };
+    let uris: Vec<String> = trimmed.iter().chain(expired).map(uri).collect();
     let job = workload::retention_job(settings, ed, &uris);
-    let notice = Notice::normal(
-        "RetentionExpired",
-        "Retention",
-        format!(
-            "revisions {} are older than {days} days: removed, their artifacts deleted by Job {}",
-            names.join(", "),
-            job.name_any()
-        ),
-    );
-    (job, notice)
+    let names = |rs: &[RevisionRecord]| {
+        rs.iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut notices = vec![];
+    if !trimmed.is_empty() {
+        notices.push(Notice::normal(
+            "RevisionsTrimmed",
+            "Retention",
+            format!(
+                "revisions {} are past revisionHistoryLimit {}: removed, their artifacts deleted by Job {}",
+                names(trimmed),
+                ed.spec.revision_history_limit,
+                job.name_any()
+            ),
+        ));
+    }
+    if !expired.is_empty() {
+        notices.push(Notice::normal(
+            "RetentionExpired",
+            "Retention",
+            format!(
+                "revisions {} are older than {days} days: removed, their artifacts deleted by Job {}",
+                names(expired),
+                job.name_any()
+            ),
+        ));
+    }
+    Some((job, notices))
 }
 
 /// Why a revision's runtime refused its artifact: a container that exited with the runtime's
@@ -866,19 +928,16 @@ fn live_revisions(s: &State, now: Seconds) -> BTreeSet<String> {
         .collect()
 }
 
-fn gateway_route(spec: &EdgeDeploymentSpec) -> Option<String> {
+fn gateway_route(spec: &EdgeDeploymentSpec) -> Option<&GatewayApiRouting> {
     if spec.strategy.type_ != StrategyType::Canary {
         return None;
     }
-    let canary = spec.strategy.canary.as_ref()?;
-    Some(
-        canary
-            .traffic_routing
-            .gateway_api
-            .as_ref()?
-            .http_route
-            .clone(),
-    )
+    spec.strategy
+        .canary
+        .as_ref()?
+        .traffic_routing
+        .gateway_api
+        .as_ref()
 }
 
 fn replica_ratio(spec: &EdgeDeploymentSpec) -> bool {
@@ -1024,32 +1083,22 @@ fn desired_services(ed: &EdgeDeployment, s: &State) -> Vec<Service> {
     out
 }
 
-/// The merge patch setting every rule's backends of `route` to the stable/canary split, or
-/// None when it already has them.
-fn route_patch(ed: &EdgeDeployment, route: &Value, weight: u8) -> Option<Value> {
+/// The HTTPRoute with this EdgeDeployment's stable/canary weights, or None when it has them.
+fn route_update(
+    ed: &EdgeDeployment,
+    routing: &GatewayApiRouting,
+    route: &Value,
+    weight: u8,
+) -> Result<Option<Value>, traffic::RouteError> {
     let name = ed.name_any();
-    let backends = traffic::http_route_backends(
-        &name,
-        &format!("{name}-canary"),
-        workload::SERVICE_PORT,
-        i32::from(weight),
-    );
-    let rules = route.pointer("/spec/rules")?.as_array()?;
-    if rules
-        .iter()
-        .all(|r| r.get("backendRefs") == Some(&backends))
-    {
-        return None;
-    }
-    let rules: Vec<Value> = rules
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            r["backendRefs"] = backends.clone();
-            r
-        })
-        .collect();
-    Some(serde_json::json!({"spec": {"rules": rules}}))
+    let canary = format!("{name}-canary");
+    let target = traffic::RouteTarget {
+        rule: routing.rule.as_deref(),
+        stable_service: &name,
+        canary_service: &canary,
+        port: workload::SERVICE_PORT,
+    };
+    traffic::route_update(route, target, i32::from(weight))
 }
 
 fn requeue(
@@ -1237,8 +1286,8 @@ pub(crate) mod tests {
             self.seen
                 .jobs
                 .retain(|d| !plan.delete_jobs.contains(&d.name_any()));
-            if let Some((_, patch)) = &plan.route_patch {
-                self.seen.route = Some(patch.clone());
+            if let Some((_, route)) = &plan.route_update {
+                self.seen.route = Some(route.clone());
             }
             if let Some(key) = &plan.consume {
                 self.ed.metadata.annotations.as_mut().unwrap().remove(key);
@@ -1382,16 +1431,56 @@ pub(crate) mod tests {
         assert_eq!(plan.jobs.len(), 1);
         let job = &plan.jobs[0];
         assert!(job.name_any().starts_with("sentiment-retention-"));
-        let args = job.spec.clone().unwrap().template.spec.unwrap().containers[0]
-            .args
-            .clone()
-            .unwrap();
+        let args = job_args(job);
         assert_eq!(args, ["delete-artifacts", "s3://artifacts/ml/sentiment/r/"]);
         let event = w.event("RetentionExpired").unwrap();
         assert!(event.message.contains(&first) && event.message.contains("30 days"));
 
         // Done once: the next reconcile plans no other Job.
         assert!(w.reconcile().jobs.is_empty());
+    }
+
+    /// The arguments of a Job's container.
+    fn job_args(job: &Job) -> Vec<String> {
+        job.spec.clone().unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_revision_trimmed_by_the_history_limit_takes_its_artifact_with_it() {
+        let mut ed = sample();
+        ed.spec.revision_history_limit = 1;
+        let mut w = World::serving(ed);
+        let first = w.status().stable_revision.clone().unwrap();
+        w.build_version("2.0.0");
+        let mut jobs = vec![];
+        for _ in 0..20 {
+            w.settle();
+            let plan = w.reconcile();
+            jobs.extend(
+                plan.jobs
+                    .into_iter()
+                    .filter(|j| j.name_any().starts_with("sentiment-retention-")),
+            );
+            if w.status().revisions.len() == 1 {
+                break;
+            }
+        }
+        let names: Vec<&str> = w
+            .status()
+            .revisions
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_ne!(names, [first.as_str()], "the newer revision stays");
+        assert_eq!(jobs.len(), 1, "the trimmed revision's artifact is deleted");
+        let args = job_args(&jobs[0]);
+        assert_eq!(args, ["delete-artifacts", "s3://artifacts/ml/sentiment/r/"]);
+        let event = w.event("RevisionsTrimmed").unwrap();
+        assert!(event.message.contains(&first) && event.message.contains("revisionHistoryLimit 1"));
+        assert!(w.reconcile().jobs.is_empty(), "done once");
     }
 
     fn canary_spec(ed: &mut EdgeDeployment) {
@@ -1705,34 +1794,50 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn gateway_routing_patches_the_route_weights() {
+    fn gateway_routing_sets_the_route_weights() {
         let mut ed = sample();
         canary_spec(&mut ed);
         ed.spec.strategy.canary.as_mut().unwrap().traffic_routing =
             serde_json::from_value(serde_json::json!({"gatewayAPI": {"httpRoute": "sentiment"}}))
                 .unwrap();
         let mut w = World::serving(ed);
-        w.seen.route = Some(
-            serde_json::json!({"spec": {"rules": [{"backendRefs": [{"name": "sentiment", "port": 80}]}]}}),
-        );
+        w.seen.route = Some(serde_json::json!({"metadata": {"name": "sentiment"},
+            "spec": {"rules": [{"backendRefs": [{"name": "sentiment", "port": 80}]}]}}));
         let plan = w.reconcile();
-        let (name, patch) = plan.route_patch.unwrap();
+        let (name, route) = plan.route_update.unwrap();
         assert_eq!(name, "sentiment");
         assert_eq!(
-            patch["spec"]["rules"][0]["backendRefs"][1],
-            serde_json::json!({"name": "sentiment-canary", "port": 80, "weight": 0})
+            route["spec"]["rules"][0]["backendRefs"],
+            serde_json::json!([{"name": "sentiment", "port": 80, "weight": 100},
+                {"name": "sentiment-canary", "port": 80, "weight": 0}])
         );
+        // Once written, the next reconcile writes nothing.
+        assert!(w.reconcile().route_update.is_none());
         w.build_version("2.2.0");
         w.converge();
-        w.seen.route = Some(serde_json::json!({"spec": {"rules": [{"backendRefs": []}]}}));
-        let plan = w.reconcile();
-        assert_eq!(
-            plan.route_patch.unwrap().1["spec"]["rules"][0]["backendRefs"][1]["weight"],
-            20
-        );
+        let route = w.seen.route.as_ref().unwrap();
+        assert_eq!(route["spec"]["rules"][0]["backendRefs"][1]["weight"], 20);
+        assert_eq!(route["spec"]["rules"][0]["backendRefs"][0]["weight"], 80);
+        assert!(w.reconcile().route_update.is_none());
         assert_eq!(w.status().canary_weight, Some(20));
         // Stable keeps all its replicas; the canary runs its share.
         assert_eq!(w.replicas().iter().map(|r| r.1).sum::<i32>(), 4);
+        // A rule that is not there is said, and the route is left alone.
+        w.ed.spec.strategy.canary.as_mut().unwrap().traffic_routing = serde_json::from_value(
+            serde_json::json!({"gatewayAPI": {"httpRoute": "sentiment", "rule": "api"}}),
+        )
+        .unwrap();
+        w.events.clear();
+        let plan = w.reconcile();
+        assert!(plan.route_update.is_none());
+        assert!(
+            w.events
+                .iter()
+                .any(|e| e.reason == "HTTPRouteRuleNotFound"
+                    && e.message.contains("gatewayAPI.rule")),
+            "{:?}",
+            w.events
+        );
     }
 
     #[test]
@@ -1788,18 +1893,7 @@ pub(crate) mod tests {
             accelerator: Default::default(),
         });
         let plan = w.reconcile();
-        let args = plan.jobs[0]
-            .spec
-            .clone()
-            .unwrap()
-            .template
-            .spec
-            .unwrap()
-            .containers[0]
-            .args
-            .clone()
-            .unwrap()
-            .join(" ");
+        let args = job_args(&plan.jobs[0]).join(" ");
         assert!(
             args.contains("--profile memoryMiB=900,cpuCores=4"),
             "{args}"

@@ -9,13 +9,16 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
 };
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::analysis;
+use super::cleanup;
 use super::plan::{self, Observed, own_status};
 use super::scrape;
 use super::security::{self, Keys, Needs};
@@ -71,6 +74,25 @@ impl Error {
         match self {
             Error::MissingNamespace { .. } => "missing_namespace",
             Error::Api { verb, .. } => verb,
+        }
+    }
+
+    /// The condition reason of a failure only a user can end: the server refused a write for
+    /// RBAC, a quota, an admission policy or a field it will not take, so retrying alone
+    /// changes nothing. None for what passes by itself (timeouts, conflicts, 5xx).
+    pub fn needs_user(&self) -> Option<&'static str> {
+        let Error::Api {
+            source: kube::Error::Api(status),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        match status.code {
+            403 if status.message.contains("exceeded quota") => Some("QuotaExceeded"),
+            403 => Some("Forbidden"),
+            400 | 422 => Some("Refused"),
+            _ => None,
         }
     }
 }
@@ -237,12 +259,70 @@ async fn keys(
     Ok((Some(keys), made))
 }
 
+/// Replaces the route as read with only this EdgeDeployment's weights changed. The body keeps
+/// the resourceVersion it was read at, so an edit made since conflicts (409) and the next
+/// reconcile starts from the new route; managedFields are left out, so the server keeps them.
+async fn replace_route(
+    routes: &Api<DynamicObject>,
+    name: &str,
+    updated: &Value,
+) -> Result<(), kube::Error> {
+    let mut route: DynamicObject =
+        serde_json::from_value(updated.clone()).map_err(kube::Error::SerdeError)?;
+    route.metadata.managed_fields = None;
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PostParams::default()
+    };
+    routes.replace(name, &params, &route).await?;
+    Ok(())
+}
+
 fn route_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
         "gateway.networking.k8s.io",
         "v1",
         "HTTPRoute",
     ))
+}
+
+/// The APIs of an EdgeDeployment's children, in its namespace.
+struct Children<'a> {
+    jobs: &'a Api<Job>,
+    deployments: &'a Api<Deployment>,
+    services: &'a Api<Service>,
+    routes: &'a Api<DynamicObject>,
+    ns: &'a str,
+}
+
+impl Children<'_> {
+    /// Applies and deletes what the plan says, in order; the first refusal stops it.
+    async fn apply(&self, plan: &plan::Plan) -> Result<(), Error> {
+        for job in &plan.jobs {
+            apply(self.jobs, job, self.ns).await?;
+        }
+        for d in &plan.deployments {
+            apply(self.deployments, d, self.ns).await?;
+        }
+        for s in &plan.services {
+            apply(self.services, s, self.ns).await?;
+        }
+        if let Some((route, updated)) = &plan.route_update {
+            replace_route(self.routes, route, updated)
+                .await
+                .map_err(api_error("update", format!("HTTPRoute {route}"), self.ns))?;
+        }
+        for d in &plan.delete_deployments {
+            delete(self.deployments, d, self.ns).await?;
+        }
+        for s in &plan.delete_services {
+            delete(self.services, s, self.ns).await?;
+        }
+        for j in &plan.delete_jobs {
+            delete(self.jobs, j, self.ns).await?;
+        }
+        Ok(())
+    }
 }
 
 pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result<Action, Error> {
@@ -259,7 +339,26 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let routes: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &route_resource());
+    let eds: Api<EdgeDeployment> = Api::namespaced(client.clone(), &ns);
     let status = ed.status.clone().unwrap_or_default();
+
+    // Deletion first: a deleted object's artifacts go before it does.
+    let cleanup_job = match ed.metadata.deletion_timestamp {
+        Some(_) => jobs
+            .get_opt(&cleanup::job_name(&ed))
+            .await
+            .map_err(api_error("get", "the cleanup Job", &ns))?,
+        None => None,
+    };
+    match cleanup::step(&ed, &ctx.settings, cleanup_job.as_ref()) {
+        cleanup::Step::Live => {}
+        cleanup::Step::Hold => hold(&eds, &ed).await.map_err(api_error(
+            "add_finalizer",
+            format!("EdgeDeployment {name}"),
+            &ns,
+        ))?,
+        step => return clean_up(&ctx, &ed, &eds, &jobs, step).await,
+    }
 
     // Observe.
     let mut seen = Observed {
@@ -349,15 +448,15 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
                     snapshots.push(None);
                     continue;
                 };
-                let urls = scrape::endpoints(list, ctx.metrics_port);
-                snapshots.push(scrape::revision(&ctx.http, &urls, SCRAPE_TIMEOUT).await);
+                let endpoints = scrape::endpoints(list, ctx.metrics_port);
+                snapshots.push(scrape::revision(&ctx.http, &endpoints, SCRAPE_TIMEOUT).await);
             }
             seen.analysis = Some(analysis::measure(
                 spec,
                 candidate,
                 status.analysis.as_ref(),
-                snapshots[0].as_ref(),
-                snapshots[1].as_ref(),
+                snapshots[0].as_deref(),
+                snapshots[1].as_deref(),
                 now,
             ));
         }
@@ -384,31 +483,31 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
     let plan = plan::plan(&ed, &seen, &ctx.settings, now);
 
     // Apply: the artifact and workloads first, then traffic, then status.
-    for job in &plan.jobs {
-        apply(&jobs, job, &ns).await?;
+    let children = Children {
+        jobs: &jobs,
+        deployments: &deployments,
+        services: &services,
+        routes: &routes,
+        ns: &ns,
+    };
+    if let Err(error) = children.apply(&plan).await {
+        if let Some(reason) = error.needs_user() {
+            // Said where `kubectl get` and `kubectl wait` look, not only in the log.
+            let message = error.to_string();
+            let failed = plan::refused(&plan.status, reason, &message, ed.metadata.generation, now);
+            if own_status(&status) != failed {
+                if let Err(e) = apply_status(&eds, &name, &failed).await {
+                    tracing::warn!(error = %e, "could not write the refusal to status");
+                }
+                base.publish(
+                    &ed.object_ref(&()),
+                    &[Notice::warning(reason, "Reconcile", message)],
+                )
+                .await;
+            }
+        }
+        return Err(error);
     }
-    for d in &plan.deployments {
-        apply(&deployments, d, &ns).await?;
-    }
-    for s in &plan.services {
-        apply(&services, s, &ns).await?;
-    }
-    if let Some((route, patch)) = &plan.route_patch {
-        routes
-            .patch(route, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-            .map_err(api_error("patch", format!("HTTPRoute {route}"), &ns))?;
-    }
-    for d in &plan.delete_deployments {
-        delete(&deployments, d, &ns).await?;
-    }
-    for s in &plan.delete_services {
-        delete(&services, s, &ns).await?;
-    }
-    for j in &plan.delete_jobs {
-        delete(&jobs, j, &ns).await?;
-    }
-    let eds: Api<EdgeDeployment> = Api::namespaced(client.clone(), &ns);
     if own_status(&status) != plan.status {
         apply_status(&eds, &name, &plan.status)
             .await
@@ -443,6 +542,99 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
         }
     }
     Ok(Action::requeue(plan.requeue))
+}
+
+/// Adds the artifacts finalizer, under the resourceVersion read: a concurrent change of the
+/// finalizers conflicts instead of being overwritten.
+async fn hold(eds: &Api<EdgeDeployment>, ed: &EdgeDeployment) -> Result<(), kube::Error> {
+    let mut finalizers = ed.finalizers().to_vec();
+    finalizers.push(cleanup::FINALIZER.to_owned());
+    let patch = serde_json::json!({"metadata": {
+        "finalizers": finalizers, "resourceVersion": ed.resource_version()}});
+    eds.patch(
+        &ed.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// An EdgeDeployment being deleted: run the cleanup Job, then let the object go.
+async fn clean_up(
+    ctx: &EdgeContext,
+    ed: &EdgeDeployment,
+    eds: &Api<EdgeDeployment>,
+    jobs: &Api<Job>,
+    step: cleanup::Step,
+) -> Result<Action, Error> {
+    // The cleanup Job is not owned (see workload::cleanup_job), so no watch event wakes us.
+    const LOOK_AGAIN: Duration = Duration::from_secs(2);
+    let name = ed.name_any();
+    let ns = ed.namespace().unwrap_or_default();
+    let notice = match step {
+        cleanup::Step::Live | cleanup::Step::Hold | cleanup::Step::Gone => {
+            return Ok(Action::await_change());
+        }
+        cleanup::Step::Wait => return Ok(Action::requeue(LOOK_AGAIN)),
+        cleanup::Step::Start(job, notice) => match apply(jobs, job.as_ref(), &ns).await {
+            Ok(()) => {
+                announce(ctx, ed, &notice).await;
+                return Ok(Action::requeue(LOOK_AGAIN));
+            }
+            // A namespace being deleted takes no new Job: say what stays, and let go.
+            Err(Error::Api {
+                source: kube::Error::Api(status),
+                ..
+            }) if status.code == 403 && status.message.contains("being terminated") => {
+                cleanup::abandoned(
+                    &cleanup::artifact_uris(ed, &ctx.settings),
+                    &format!("namespace {ns} is being deleted, so no cleanup Job can run"),
+                )
+            }
+            Err(e) => return Err(e),
+        },
+        cleanup::Step::Release(notice) => notice,
+    };
+    announce(ctx, ed, &notice).await;
+    let finalizers: Vec<&String> = ed
+        .finalizers()
+        .iter()
+        .filter(|f| *f != cleanup::FINALIZER)
+        .collect();
+    let patch = serde_json::json!({"metadata": {
+        "finalizers": finalizers, "resourceVersion": ed.resource_version()}});
+    eds.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(api_error(
+            "remove_finalizer",
+            format!("EdgeDeployment {name}"),
+            &ns,
+        ))?;
+    Ok(Action::await_change())
+}
+
+/// Publishes a cleanup notice and audits it when a profile asks for audit records.
+async fn announce(ctx: &EdgeContext, ed: &EdgeDeployment, notice: &Notice) {
+    let base = &ctx.base;
+    let ns = ed.namespace().unwrap_or_default();
+    base.publish(&ed.object_ref(&()), std::slice::from_ref(notice))
+        .await;
+    match compliance_profile::verdict_for(&base.client, ed, &ns).await {
+        Ok(verdict) if verdict.rules.audit_logging == Some(true) => {
+            let actor = audit::Actor {
+                who: &base.instance,
+                on_behalf_of: audit::spec_manager(&ed.metadata),
+                what: format!("EdgeDeployment {ns}/{}", ed.name_any()),
+                profiles: &verdict.profiles,
+            };
+            for record in audit::records(std::slice::from_ref(notice), &actor) {
+                record.emit();
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "could not read the profiles to audit the cleanup"),
+    }
 }
 
 pub fn error_policy(ed: Arc<EdgeDeployment>, error: &Error, ctx: Arc<EdgeContext>) -> Action {

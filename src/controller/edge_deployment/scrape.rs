@@ -1,13 +1,19 @@
 //! Reads the runtime pods' `/metrics` (Prometheus text, parsed by `prometheus-parse`) into the
-//! counters analysis needs, summed over a revision's pods. Scrapes run concurrently with a
-//! timeout; a pod that does not answer is left out, as Prometheus leaves out a failed target.
+//! counters analysis needs, per pod. Scrapes run at most `MAX_CONCURRENT_SCRAPES` at once, each
+//! with a timeout; a pod that does not answer is left out, as Prometheus leaves out a failed
+//! target.
 
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 
-use super::analysis::Snapshot;
+use super::analysis::{PodSnapshot, Snapshot};
+
+/// Scrapes of one revision in flight at once: a revision of hundreds of pods neither opens
+/// hundreds of connections from the operator nor waits on them one by one.
+pub const MAX_CONCURRENT_SCRAPES: usize = 16;
 
 /// Errors reading one pod's metrics.
 #[derive(Debug, thiserror::Error)]
@@ -148,8 +154,16 @@ pub async fn scrape(
     })
 }
 
-/// The metrics URL of each running, ready pod.
-pub fn endpoints(pods: &[Pod], port: u16) -> Vec<String> {
+/// A ready runtime pod's metrics URL.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub pod: String,
+    pub started: Option<k8s_openapi::jiff::Timestamp>,
+    pub url: String,
+}
+
+/// The metrics endpoint of each running, ready pod.
+pub fn endpoints(pods: &[Pod], port: u16) -> Vec<Endpoint> {
     pods.iter()
         .filter(|p| {
             let status = p.status.as_ref();
@@ -158,33 +172,53 @@ pub fn endpoints(pods: &[Pod], port: u16) -> Vec<String> {
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
             ready && p.metadata.deletion_timestamp.is_none()
         })
-        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
-        .map(|ip| {
+        .filter_map(|p| {
+            let status = p.status.as_ref()?;
+            let ip = status.pod_ip.clone()?;
             let host = if ip.contains(':') {
                 format!("[{ip}]")
             } else {
                 ip
             };
-            format!("http://{host}:{port}/metrics")
+            Some(Endpoint {
+                pod: p.name_any(),
+                started: status.start_time.as_ref().map(|t| t.0),
+                url: format!("http://{host}:{port}/metrics"),
+            })
         })
         .collect()
 }
 
-/// Scrapes every endpoint concurrently and sums what answered; None when none did.
+/// Scrapes every endpoint, at most `MAX_CONCURRENT_SCRAPES` at once; None when none answered.
 pub async fn revision(
     http: &reqwest::Client,
-    urls: &[String],
+    endpoints: &[Endpoint],
     timeout: Duration,
-) -> Option<Snapshot> {
-    let results = join_all(urls.iter().map(|u| scrape(http, u, timeout))).await;
-    let ok: Vec<Snapshot> = results
-        .into_iter()
-        .filter_map(|r| {
-            r.map_err(|error| tracing::debug!(%error, "scrape failed"))
-                .ok()
+) -> Option<Vec<PodSnapshot>> {
+    // Owned items and a cloned client (an Arc) keep the futures free of borrowed lifetimes,
+    // which the controller's `Send` bound needs.
+    let answered: Vec<PodSnapshot> = futures::stream::iter(endpoints.to_vec())
+        .map(|e| {
+            let http = http.clone();
+            async move {
+                match scrape(&http, &e.url, timeout).await {
+                    Ok(snapshot) => Some(PodSnapshot {
+                        pod: e.pod,
+                        started: e.started,
+                        snapshot,
+                    }),
+                    Err(error) => {
+                        tracing::debug!(%error, "scrape failed");
+                        None
+                    }
+                }
+            }
         })
-        .collect();
-    sum(&ok)
+        .buffer_unordered(MAX_CONCURRENT_SCRAPES)
+        .filter_map(|s| async move { s })
+        .collect()
+        .await;
+    (!answered.is_empty()).then_some(answered)
 }
 
 #[cfg(test)]

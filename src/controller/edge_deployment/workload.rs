@@ -29,7 +29,8 @@ pub const NAME_LABEL: &str = "kasmina.dev/edge-deployment";
 pub const REVISION_LABEL: &str = "kasmina.dev/revision";
 /// `build` or `runtime`.
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
-/// The component of the serving pods (build and retention Jobs' pods are `build`, `retention`).
+/// The component of the serving pods (build, retention and cleanup Jobs' pods are `build`,
+/// `retention`, `cleanup`).
 pub const RUNTIME_COMPONENT: &str = "runtime";
 
 /// The label selector of the runtime pods of `name` (of one revision, if given): the scale
@@ -318,31 +319,44 @@ pub fn build_job(
     run_once(ed, job_name(ed, revision), labels, 1, container, volumes)
 }
 
-/// The Job that deletes the artifacts at `uris` (revisions past a profile's `retentionDays`),
-/// with the store's credentials. Named by the set, so planning it twice creates it once.
+/// The Job that deletes the artifacts at `uris` (revisions past a profile's `retentionDays` or
+/// the history limit), with the store's credentials. Named by the set, so planning it twice
+/// creates it once.
 pub fn retention_job(settings: &Settings, ed: &EdgeDeployment, uris: &[String]) -> Job {
     let hash = super::plan::fnv1a64(uris.join("\n").as_bytes());
     let name = format!("{}-retention-{:08x}", ed.name_any(), hash as u32);
+    delete_artifacts_job(settings, ed, name, "retention", uris)
+}
+
+/// The Job that deletes every artifact of an EdgeDeployment being deleted. Not owned by it: a
+/// foreground deletion would collect an owned Job before it ran. It goes an hour after it
+/// ends.
+pub fn cleanup_job(settings: &Settings, ed: &EdgeDeployment, name: String, uris: &[String]) -> Job {
+    let mut job = delete_artifacts_job(settings, ed, name, "cleanup", uris);
+    job.metadata.owner_references = None;
+    stamp(job)
+}
+
+fn delete_artifacts_job(
+    settings: &Settings,
+    ed: &EdgeDeployment,
+    name: String,
+    component: &str,
+    uris: &[String],
+) -> Job {
     let mut args = vec!["delete-artifacts".to_owned()];
     args.extend(uris.iter().cloned());
     let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) =
         store_volume(settings).into_iter().unzip();
     let container = Container {
-        name: "retention".into(),
+        name: component.into(),
         image: Some(settings.image.clone()),
         args: Some(args),
         env_from: env_from(settings.artifact_store_secret.clone()),
         volume_mounts: non_empty(mounts),
         ..Container::default()
     };
-    run_once(
-        ed,
-        name,
-        labels(ed, None, "retention"),
-        3,
-        container,
-        volumes,
-    )
+    run_once(ed, name, labels(ed, None, component), 3, container, volumes)
 }
 
 /// A Job of one container run to completion, kept an hour after it ends. Its error text

@@ -85,7 +85,8 @@ pub fn targets(pods: &[Pod], revisions: &[String], port: u16) -> Vec<PodTarget> 
             name: p.name_any(),
             url: scrape::endpoints(std::slice::from_ref(p), port)
                 .into_iter()
-                .next(),
+                .next()
+                .map(|e| e.url),
             cpu_request: request(p, "cpu"),
             memory_request: request(p, "memory"),
         })
