@@ -165,6 +165,11 @@ sim:
 sim-rollout:
     cargo bench --bench rollout
 
+# The operator at scale on ../shared/k8s (as root, ~15 min): 1,000 EdgeDeployments created at once; time to status, peak RSS, CPU, and API requests by verb over a 5-minute steady window against one with the operator stopped (BENCH_EDS, BENCH_WINDOW_SECONDS)
+bench-controller:
+    cargo build --release --bins
+    python3 scripts/bench-controller.py
+
 # The int8 matrix product against candle's Q8_0 and F32 kernels, one MiniLM layer on one thread
 bench-matmul:
     cargo bench --bench matmul
