@@ -104,10 +104,7 @@ pub fn interval(
         total.requests += d.requests;
         total.errors += d.errors;
         for (le, count) in d.buckets {
-            match total.buckets.binary_search_by(|(l, _)| l.total_cmp(&le)) {
-                Ok(i) => total.buckets[i].1 += count,
-                Err(i) => total.buckets.insert(i, (le, count)),
-            }
+            add_bucket(&mut total.buckets, le, count);
         }
         counted = true;
     }
@@ -116,6 +113,14 @@ pub fn interval(
     }
     let load = after.iter().map(|p| p.snapshot.load).sum::<f64>() / after.len() as f64;
     window_of(&total, load)
+}
+
+/// Adds `count` to the bucket with bound `le`, keeping the buckets ascending by bound.
+pub fn add_bucket(buckets: &mut Vec<(f64, f64)>, le: f64, count: f64) {
+    match buckets.binary_search_by(|(l, _)| l.total_cmp(&le)) {
+        Ok(i) => buckets[i].1 += count,
+        Err(i) => buckets.insert(i, (le, count)),
+    }
 }
 
 /// What one pod served between two of its scrapes.

@@ -42,12 +42,7 @@ pub fn artifact_uris(ed: &EdgeDeployment, settings: &Settings) -> Vec<String> {
         .status
         .iter()
         .flat_map(|s| &s.revisions)
-        .map(|r| {
-            r.artifact
-                .uri
-                .clone()
-                .unwrap_or_else(|| workload::artifact_uri(settings, ed, &r.name))
-        })
+        .map(|r| workload::built_artifact_uri(settings, ed, &r.name, &r.artifact))
         .collect();
     uris.sort();
     uris.dedup();

@@ -792,44 +792,43 @@ fn artifact_deletion(
     if trimmed.is_empty() && expired.is_empty() {
         return None;
     }
-    let uri = |r: &RevisionRecord| {
-        r.artifact
-            .uri
-            .clone()
-            .unwrap_or_else(|| workload::artifact_uri(settings, ed, &r.name))
-    };
-    let uris: Vec<String> = trimmed.iter().chain(expired).map(uri).collect();
+    let uris: Vec<String> = trimmed
+        .iter()
+        .chain(expired)
+        .map(|r| workload::built_artifact_uri(settings, ed, &r.name, &r.artifact))
+        .collect();
     let job = workload::retention_job(settings, ed, &uris);
-    let names = |rs: &[RevisionRecord]| {
-        rs.iter()
-            .map(|r| r.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let mut notices = vec![];
-    if !trimmed.is_empty() {
-        notices.push(Notice::normal(
+    let reasons = [
+        (
+            trimmed,
             "RevisionsTrimmed",
-            "Retention",
             format!(
-                "revisions {} are past revisionHistoryLimit {}: removed, their artifacts deleted by Job {}",
-                names(trimmed),
-                ed.spec.revision_history_limit,
-                job.name_any()
+                "past revisionHistoryLimit {}",
+                ed.spec.revision_history_limit
             ),
-        ));
-    }
-    if !expired.is_empty() {
-        notices.push(Notice::normal(
+        ),
+        (
+            expired,
             "RetentionExpired",
-            "Retention",
-            format!(
-                "revisions {} are older than {days} days: removed, their artifacts deleted by Job {}",
-                names(expired),
-                job.name_any()
-            ),
-        ));
-    }
+            format!("older than {days} days"),
+        ),
+    ];
+    let notices = reasons
+        .into_iter()
+        .filter(|(records, ..)| !records.is_empty())
+        .map(|(records, reason, why)| {
+            let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+            Notice::normal(
+                reason,
+                "Retention",
+                format!(
+                    "revisions {} are {why}: removed, their artifacts deleted by Job {}",
+                    names.join(", "),
+                    job.name_any()
+                ),
+            )
+        })
+        .collect();
     Some((job, notices))
 }
 

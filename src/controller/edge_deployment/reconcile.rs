@@ -24,6 +24,7 @@ use super::scrape;
 use super::security::{self, Keys, Needs};
 use super::workload::{self, NAME_LABEL, Settings};
 use crate::api::EdgeDeployment;
+use crate::controller::compliance_profile::rules::Verdict;
 use crate::controller::context::{Backoff, Context, FIELD_MANAGER, Notice};
 use crate::controller::status::apply_status;
 use crate::controller::{audit, compliance_profile};
@@ -530,17 +531,7 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
             ))?;
     }
     base.publish(&ed.object_ref(&()), &plan.notices).await;
-    if rules.audit_logging == Some(true) {
-        let actor = audit::Actor {
-            who: &base.instance,
-            on_behalf_of: audit::spec_manager(&ed.metadata),
-            what: format!("EdgeDeployment {ns}/{name}"),
-            profiles: &verdict.profiles,
-        };
-        for record in audit::records(&plan.notices, &actor) {
-            record.emit();
-        }
-    }
+    audit_notices(base, &ed, &verdict, &plan.notices);
     Ok(Action::requeue(plan.requeue))
 }
 
@@ -549,6 +540,15 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
 async fn hold(eds: &Api<EdgeDeployment>, ed: &EdgeDeployment) -> Result<(), kube::Error> {
     let mut finalizers = ed.finalizers().to_vec();
     finalizers.push(cleanup::FINALIZER.to_owned());
+    set_finalizers(eds, ed, &finalizers).await
+}
+
+/// Writes the object's finalizers under the resourceVersion read.
+async fn set_finalizers(
+    eds: &Api<EdgeDeployment>,
+    ed: &EdgeDeployment,
+    finalizers: &[String],
+) -> Result<(), kube::Error> {
     let patch = serde_json::json!({"metadata": {
         "finalizers": finalizers, "resourceVersion": ed.resource_version()}});
     eds.patch(
@@ -597,14 +597,13 @@ async fn clean_up(
         cleanup::Step::Release(notice) => notice,
     };
     announce(ctx, ed, &notice).await;
-    let finalizers: Vec<&String> = ed
+    let finalizers: Vec<String> = ed
         .finalizers()
         .iter()
         .filter(|f| *f != cleanup::FINALIZER)
+        .cloned()
         .collect();
-    let patch = serde_json::json!({"metadata": {
-        "finalizers": finalizers, "resourceVersion": ed.resource_version()}});
-    eds.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+    set_finalizers(eds, ed, &finalizers)
         .await
         .map_err(api_error(
             "remove_finalizer",
@@ -621,19 +620,29 @@ async fn announce(ctx: &EdgeContext, ed: &EdgeDeployment, notice: &Notice) {
     base.publish(&ed.object_ref(&()), std::slice::from_ref(notice))
         .await;
     match compliance_profile::verdict_for(&base.client, ed, &ns).await {
-        Ok(verdict) if verdict.rules.audit_logging == Some(true) => {
-            let actor = audit::Actor {
-                who: &base.instance,
-                on_behalf_of: audit::spec_manager(&ed.metadata),
-                what: format!("EdgeDeployment {ns}/{}", ed.name_any()),
-                profiles: &verdict.profiles,
-            };
-            for record in audit::records(std::slice::from_ref(notice), &actor) {
-                record.emit();
-            }
-        }
-        Ok(_) => {}
+        Ok(verdict) => audit_notices(base, ed, &verdict, std::slice::from_ref(notice)),
         Err(error) => tracing::warn!(%error, "could not read the profiles to audit the cleanup"),
+    }
+}
+
+/// The audit records of the audited decisions among `notices`, when a selecting profile asks
+/// for them.
+fn audit_notices(base: &Context, ed: &EdgeDeployment, verdict: &Verdict, notices: &[Notice]) {
+    if verdict.rules.audit_logging != Some(true) {
+        return;
+    }
+    let actor = audit::Actor {
+        who: &base.instance,
+        on_behalf_of: audit::spec_manager(&ed.metadata),
+        what: format!(
+            "EdgeDeployment {}/{}",
+            ed.namespace().unwrap_or_default(),
+            ed.name_any()
+        ),
+        profiles: &verdict.profiles,
+    };
+    for record in audit::records(notices, &actor) {
+        record.emit();
     }
 }
 

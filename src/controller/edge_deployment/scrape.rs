@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
-use super::analysis::{PodSnapshot, Snapshot};
+use super::analysis::{PodSnapshot, Snapshot, add_bucket};
 
 /// Scrapes of one revision in flight at once: a revision of hundreds of pods neither opens
 /// hundreds of connections from the operator nor waits on them one by one.
@@ -93,14 +93,6 @@ pub fn parse(text: &str) -> std::io::Result<Snapshot> {
 /// Adds `v` to a gauge that may not have been seen yet.
 fn add(gauge: &mut Option<f64>, v: f64) {
     *gauge = Some(gauge.unwrap_or(0.0) + v);
-}
-
-/// Adds `count` to the bucket with bound `le`, keeping the buckets ascending by bound.
-fn add_bucket(buckets: &mut Vec<(f64, f64)>, le: f64, count: f64) {
-    match buckets.binary_search_by(|(l, _)| l.total_cmp(&le)) {
-        Ok(i) => buckets[i].1 += count,
-        Err(i) => buckets.insert(i, (le, count)),
-    }
 }
 
 /// Sums snapshots of several pods; the cognitive load is averaged.

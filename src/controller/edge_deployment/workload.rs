@@ -114,6 +114,19 @@ pub fn job_name(ed: &EdgeDeployment, revision: &str) -> String {
 }
 
 /// Where the artifact of `revision` is stored.
+/// Where a built revision's artifact is: the URI its build recorded, else where it was written.
+pub fn built_artifact_uri(
+    settings: &Settings,
+    ed: &EdgeDeployment,
+    revision: &str,
+    artifact: &ArtifactStatus,
+) -> String {
+    artifact
+        .uri
+        .clone()
+        .unwrap_or_else(|| artifact_uri(settings, ed, revision))
+}
+
 pub fn artifact_uri(settings: &Settings, ed: &EdgeDeployment, revision: &str) -> String {
     format!(
         "{}/{}/{}/{revision}/",
@@ -465,10 +478,7 @@ pub fn runtime_deployment(
     );
     let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) =
         store_volume(settings).into_iter().chain(keys).unzip();
-    let uri = artifact
-        .uri
-        .clone()
-        .unwrap_or_else(|| artifact_uri(settings, ed, revision));
+    let uri = built_artifact_uri(settings, ed, revision, artifact);
     let mut args = vec![
         "serve".into(),
         "--artifact".into(),
