@@ -12,14 +12,18 @@ use std::sync::{Arc, Mutex};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use k8s_openapi::jiff::Timestamp;
+use kasmina::api::ComplianceProfile;
 use kasmina::api::EdgeDeployment;
 use kasmina::api::condition::ConditionStatus;
+use kasmina::controller::cache::{Changes, Policies, filled, refill};
 use kasmina::controller::context::{Context, FixedClock, Metrics};
 use kasmina::controller::edge_deployment::plan::{self, NAME_LABEL};
 use kasmina::controller::edge_deployment::reconcile::{EdgeContext, reconcile};
+use kasmina::controller::edge_deployment::watch::{ChildCaches, ChildWriters};
 use kasmina::controller::edge_deployment::workload::Settings;
 use kube::Client;
 use kube::client::Body;
+use kube::runtime::reflector::{self, store::Writer};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tower_test::mock;
@@ -29,6 +33,7 @@ const ED_PATH: &str = "/apis/kasmina.dev/v1alpha1/namespaces/ml/edgedeployments/
 const JOBS: &str = "/apis/batch/v1/namespaces/ml/jobs";
 const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/ml/deployments";
 const SERVICES: &str = "/api/v1/namespaces/ml/services";
+const PROFILES: &str = "/apis/kasmina.dev/v1alpha1/complianceprofiles/";
 
 /// What the fake API server holds and was asked.
 #[derive(Default)]
@@ -126,15 +131,11 @@ fn answer(
                 .map(|(_, o)| o.clone())
                 .collect();
             let plural = path.rsplit('/').next().unwrap_or_default();
-            const LISTS: [&str; 6] = [
-                "jobs",
-                "deployments",
-                "services",
-                "pods",
-                "nodes",
-                "complianceprofiles",
-            ];
-            if LISTS.contains(&plural) {
+            // Children, runtime pods, profiles and namespaces come from the controller's
+            // caches: a LIST of them is not answered (a reconcile that lists them fails).
+            // Build pods are listed, once per build, for their termination message.
+            let build_pods = plural == "pods" && selector.contains("batch.kubernetes.io/job-name");
+            if build_pods || plural == "nodes" {
                 return (
                     StatusCode::OK,
                     json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items}),
@@ -180,6 +181,9 @@ fn answer(
 struct Cluster {
     store: Arc<Mutex<Store>>,
     ctx: Arc<EdgeContext>,
+    /// The controller's caches of children and profiles, filled from the store before each
+    /// reconcile as the watches would have.
+    caches: Mutex<(ChildWriters, Writer<ComplianceProfile>)>,
 }
 
 impl Cluster {
@@ -214,19 +218,54 @@ impl Cluster {
         let client = Client::new(service, "default");
         let metrics = Arc::new(Metrics::register(&mut Registry::default()));
         let clock = Arc::new(FixedClock(Timestamp::from_second(now).unwrap()));
-        let base = Arc::new(Context::new(client, metrics, clock, Some("test".into())));
+        let (profiles, profiles_writer) = reflector::store();
+        let policies = Policies {
+            profiles,
+            namespaces: filled(vec![]),
+            namespace_changes: Changes::channel().1,
+        };
+        let base = Arc::new(
+            Context::new(client, metrics, clock, Some("test".into())).with_policies(policies),
+        );
         let settings = Settings {
             image: "kasmina:0.1.0".into(),
             artifact_store: "s3://artifacts".into(),
             artifact_store_secret: None,
             host_paths: vec![],
         };
-        let mut ctx = EdgeContext::new(base, settings);
+        let (children, writers) = ChildCaches::new();
+        let mut ctx = EdgeContext::new(base, settings, children);
         ctx.metrics_port = metrics_port;
         Self {
             store,
             ctx: Arc::new(ctx),
+            caches: Mutex::new((writers, profiles_writer)),
         }
+    }
+
+    /// What the watches would have put in the caches by now: every child in the store.
+    fn sync_caches(&self) {
+        let objects = self.store.lock().unwrap().objects.clone();
+        fn under<K: serde::de::DeserializeOwned>(
+            objects: &BTreeMap<String, Value>,
+            prefix: &str,
+        ) -> Vec<K> {
+            objects
+                .iter()
+                .filter(|(p, _)| p.starts_with(prefix))
+                .map(|(_, o)| serde_json::from_value(o.clone()).unwrap())
+                .collect()
+        }
+        let mut caches = self.caches.lock().unwrap();
+        let (writers, profiles) = &mut *caches;
+        refill(profiles, under(&objects, PROFILES));
+        refill(&mut writers.jobs, under(&objects, JOBS));
+        refill(&mut writers.deployments, under(&objects, DEPLOYMENTS));
+        refill(&mut writers.services, under(&objects, SERVICES));
+        refill(
+            &mut writers.pods,
+            under(&objects, "/api/v1/namespaces/ml/pods/"),
+        );
     }
 
     fn put(&self, path: &str, object: Value) {
@@ -258,6 +297,7 @@ impl Cluster {
     /// One reconcile of the stored EdgeDeployment; returns the writes it made.
     async fn reconcile(&self) -> Vec<String> {
         self.store.lock().unwrap().requests.clear();
+        self.sync_caches();
         reconcile(Arc::new(self.ed()), self.ctx.clone())
             .await
             .unwrap();
@@ -430,11 +470,10 @@ async fn steady_state_writes_nothing() {
     serving(&cluster, canary()).await;
     let writes = cluster.reconcile().await;
     assert!(writes.is_empty(), "steady state wrote: {writes:?}");
-    let requests = cluster.store.lock().unwrap().requests.len();
-    assert_eq!(
-        requests, 4,
-        "one list each of Deployments, Services, Jobs and ComplianceProfiles"
-    );
+    // It reads its children and the profiles from the caches: no request at all (it made
+    // one LIST each of Deployments, Services, Jobs and ComplianceProfiles per reconcile).
+    let requests = cluster.store.lock().unwrap().requests.clone();
+    assert!(requests.is_empty(), "{requests:?}");
 }
 
 #[tokio::test]
@@ -570,6 +609,7 @@ async fn a_write_only_a_user_can_unblock_is_a_condition_not_only_a_log_line() {
             &candidate[..8]
         ),
     ));
+    cluster.sync_caches();
     let error = reconcile(Arc::new(cluster.ed()), cluster.ctx.clone())
         .await
         .unwrap_err();

@@ -7,6 +7,7 @@ pub mod compliance_profile;
 pub mod condition;
 pub mod duration;
 pub mod edge_deployment;
+pub mod quantity;
 pub mod scaling_policy;
 pub mod validation;
 

@@ -5,7 +5,11 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
+use kube::ResourceExt;
+
+use super::compliance_profile::rules::Verdict;
 use super::context::Notice;
+use crate::api::EdgeDeployment;
 
 /// One audited decision.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -85,6 +89,33 @@ pub fn records(notices: &[Notice], actor: &Actor) -> Vec<AuditRecord> {
             })
         })
         .collect()
+}
+
+/// Emits the audit records of the audited decisions among `notices` about `ed`, made by
+/// `who` on behalf of `on_behalf_of`, when a profile selecting it (`verdict`) asks for them.
+pub fn emit_for(
+    who: &str,
+    on_behalf_of: Option<String>,
+    ed: &EdgeDeployment,
+    verdict: &Verdict,
+    notices: &[Notice],
+) {
+    if verdict.rules.audit_logging != Some(true) {
+        return;
+    }
+    let actor = Actor {
+        who,
+        on_behalf_of,
+        what: format!(
+            "EdgeDeployment {}/{}",
+            ed.namespace().unwrap_or_default(),
+            ed.name_any()
+        ),
+        profiles: &verdict.profiles,
+    };
+    for record in records(notices, &actor) {
+        record.emit();
+    }
 }
 
 /// The field manager of the latest change to `spec` (from managedFields), if recorded.

@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::cache::Policies;
+
 /// The field manager of every server-side apply Kasmina makes.
 pub const FIELD_MANAGER: &str = "kasmina";
 
@@ -145,8 +147,15 @@ struct ScaleLabels {
     direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    verb: &'static str,
+    resource: String,
+}
+
 /// The operator's own metrics, per controller, and the autoscaler's decisions.
 pub struct Metrics {
+    api_requests: Family<RequestLabels, Counter>,
     reconciliations: Family<ControllerLabel, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<ControllerLabel, Histogram>,
@@ -159,6 +168,7 @@ impl Metrics {
     /// Creates the metrics and registers them (names get the registry's `kasmina_` prefix).
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
+            api_requests: Family::default(),
             reconciliations: Family::default(),
             failures: Family::default(),
             duration: Family::new_with_constructor(|| {
@@ -194,6 +204,12 @@ impl Metrics {
             metrics.duration.clone(),
         );
         registry.register(
+            "kube_api_requests",
+            "Requests the operator sent the API server, by verb (get, list, watch, create, \
+             apply, patch, update, delete) and resource",
+            metrics.api_requests.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica holds the leader lease and runs the controllers",
             metrics.leader.clone(),
@@ -211,6 +227,14 @@ impl Metrics {
             controller,
             start: std::time::Instant::now(),
         }
+    }
+
+    /// Counts one request to the API server.
+    pub fn api_request(&self, method: &axum::http::Method, uri: &axum::http::Uri) {
+        let (verb, resource) = request_labels(method, uri);
+        self.api_requests
+            .get_or_create(&RequestLabels { verb, resource })
+            .inc();
     }
 
     pub fn reconcile_failed(&self, controller: &'static str, error: &'static str) {
@@ -241,6 +265,57 @@ impl Metrics {
 
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+    }
+}
+
+/// The Kubernetes verb and resource (`pods`, `edgedeployments/status`) of a request, as the
+/// API server's own metrics name them.
+fn request_labels(method: &axum::http::Method, uri: &axum::http::Uri) -> (&'static str, String) {
+    // /api/v1/[namespaces/<ns>/]<resource>[/<name>[/<subresource>]], /apis/<group>/<version>/…
+    let parts: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    let rest = match parts.first() {
+        Some(&"api") => parts.get(2..),
+        Some(&"apis") => parts.get(3..),
+        _ => None,
+    }
+    .unwrap_or_default();
+    let rest = match rest {
+        ["namespaces", _, tail @ ..] if !tail.is_empty() => tail,
+        other => other,
+    };
+    let (resource, named) = match rest {
+        [] => ("", false),
+        [resource] => (*resource, false),
+        [resource, _name] => (*resource, true),
+        [resource, _name, sub, ..] => {
+            return (verb(method, uri, true), format!("{resource}/{sub}"));
+        }
+    };
+    (verb(method, uri, named), resource.to_owned())
+}
+
+fn verb(method: &axum::http::Method, uri: &axum::http::Uri, named: bool) -> &'static str {
+    let query = uri.query().unwrap_or_default();
+    match *method {
+        axum::http::Method::GET
+            if query
+                .split('&')
+                .any(|kv| kv == "watch=true" || kv == "watch=1") =>
+        {
+            "watch"
+        }
+        axum::http::Method::GET if named => "get",
+        axum::http::Method::GET => "list",
+        axum::http::Method::POST => "create",
+        axum::http::Method::PUT => "update",
+        axum::http::Method::DELETE => "delete",
+        // Server-side apply is a PATCH with a field manager and the apply content type; the
+        // query alone tells it from a merge patch here.
+        axum::http::Method::PATCH if query.contains("fieldManager") && query.contains("force") => {
+            "apply"
+        }
+        axum::http::Method::PATCH => "patch",
+        _ => "other",
     }
 }
 
@@ -319,6 +394,8 @@ pub struct Context {
     pub instance: String,
     /// Retry delays of failed reconciles, per object (the three controllers share it).
     pub backoff: Backoff,
+    /// The ComplianceProfiles and namespace labels, from the process's one watch of each.
+    pub policies: Policies,
 }
 
 impl Context {
@@ -358,7 +435,14 @@ impl Context {
             metrics,
             clock,
             backoff: Backoff::default(),
+            policies: Policies::default(),
         }
+    }
+
+    /// The same context judging by `policies` (the process's watched caches, or a test's).
+    pub fn with_policies(mut self, policies: Policies) -> Self {
+        self.policies = policies;
+        self
     }
 
     /// Publishes the notices as Events on `regarding`. Events are best effort: a failure is
@@ -387,6 +471,53 @@ fn truncate(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod backoff_tests {
     use super::*;
+
+    #[test]
+    fn requests_are_counted_by_verb_and_resource() {
+        let cases = [
+            (
+                "GET",
+                "/api/v1/namespaces/ml/pods?labelSelector=a%3Db",
+                ("list", "pods"),
+            ),
+            (
+                "GET",
+                "/api/v1/pods?watch=true&resourceVersion=1",
+                ("watch", "pods"),
+            ),
+            ("GET", "/api/v1/namespaces/ml", ("get", "namespaces")),
+            ("GET", "/api/v1/namespaces", ("list", "namespaces")),
+            (
+                "PATCH",
+                "/apis/kasmina.dev/v1alpha1/namespaces/ml/edgedeployments/a/status?fieldManager=kasmina&force=true",
+                ("apply", "edgedeployments/status"),
+            ),
+            (
+                "PATCH",
+                "/apis/kasmina.dev/v1alpha1/namespaces/ml/edgedeployments/a",
+                ("patch", "edgedeployments"),
+            ),
+            (
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/ml/events",
+                ("create", "events"),
+            ),
+            (
+                "DELETE",
+                "/apis/batch/v1/namespaces/ml/jobs/j",
+                ("delete", "jobs"),
+            ),
+            (
+                "PUT",
+                "/apis/coordination.k8s.io/v1/namespaces/k/leases/l",
+                ("update", "leases"),
+            ),
+        ];
+        for (method, uri, (verb, resource)) in cases {
+            let got = request_labels(&method.parse().unwrap(), &uri.parse().unwrap());
+            assert_eq!(got, (verb, resource.to_owned()), "{method} {uri}");
+        }
+    }
 
     /// Found in review: every failing object was retried every 15 s, whatever the cause.
     #[test]

@@ -3,6 +3,7 @@
 //! SIGTERM (finishing running reconciles and releasing the lease).
 
 pub mod audit;
+pub mod cache;
 pub mod compliance_profile;
 pub mod context;
 pub mod edge_deployment;
@@ -135,6 +136,15 @@ pub struct Config {
     /// cert-manager writes (its CA injector sets the caBundle).
     #[arg(long, env = "KASMINA_WEBHOOK_CERTS", default_value = "self")]
     pub webhook_certs: WebhookCerts,
+
+    /// The most reconciles each controller runs at once; the others wait in its queue.
+    #[arg(long, env = "KASMINA_MAX_CONCURRENT_RECONCILES", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_reconciles: u16,
+
+    /// The most requests per second the operator sends the API server (watches count once,
+    /// when they start); the rest wait their turn.
+    #[arg(long, env = "KASMINA_KUBE_API_QPS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub kube_api_qps: u32,
 }
 
 /// Who manages the webhook's certificates.
@@ -251,6 +261,30 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ),
 ];
 
+/// The cluster's client (in-cluster config or KUBECONFIG), sending at most `qps` requests a
+/// second: a burst of reconciles queues in the client instead of storming the API server.
+/// Every request is counted, by verb and resource, in `metrics`.
+async fn client(qps: u32, metrics: Arc<Metrics>) -> Result<Client, Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::Connect(kube::Error::InferConfig(e)))?;
+    let builder = kube::client::ClientBuilder::try_from(config).map_err(Error::Connect)?;
+    let count = tower::util::MapRequestLayer::new(move |request: axum::http::Request<_>| {
+        metrics.api_request(request.method(), request.uri());
+        request
+    });
+    Ok(builder
+        .with_layer(&rate_limit(qps))
+        .with_layer(&count)
+        .build())
+}
+
+/// `qps` requests a second, granted in tenths of a second so a burst is at most a tenth.
+fn rate_limit(qps: u32) -> tower::limit::RateLimitLayer {
+    let per_tick = u64::from(qps).div_ceil(10).max(1);
+    tower::limit::RateLimitLayer::new(per_tick, std::time::Duration::from_millis(100))
+}
+
 /// The plural names the controllers need served.
 const PLURALS: [&str; 3] = ["edgedeployments", "scalingpolicies", "complianceprofiles"];
 
@@ -288,11 +322,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
             "need retry-period < renew-deadline < lease-duration".into(),
         ));
     }
-    let client = Client::try_default().await.map_err(Error::Connect)?;
-    ensure_crds_installed(&client).await?;
-
     let mut registry = Registry::with_prefix("kasmina");
     let metrics = Arc::new(Metrics::register(&mut registry));
+    let client = client(config.kube_api_qps, metrics.clone()).await?;
+    ensure_crds_installed(&client).await?;
     let health = Arc::new(Health::default());
     let shutdown = CancellationToken::new();
     tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
@@ -316,6 +349,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .lease_namespace
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_owned());
+    // One watch of the profiles and one of the namespaces, for the webhook and the controllers.
+    let policies = cache::Policies::watch(&client, shutdown.clone());
     // Every replica serves the webhook: the API server calls whichever the Service picks.
     let webhook = if config.webhook {
         let location = compliance_profile::certs::Location {
@@ -331,6 +366,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             location,
             clock: Arc::new(SystemClock),
             ready: Some(ready),
+            policies: policies.clone(),
         };
         // The Service sends admission reviews to ready replicas only: ready once the webhook
         // answers truly (caBundle published, caches synced, listener bound).
@@ -370,14 +406,18 @@ pub async fn run(config: Config) -> Result<(), Error> {
             host_paths: config.host_paths.clone(),
         },
         prometheus_hosts: config.prometheus_hosts.clone(),
+        concurrency: config.max_concurrent_reconciles,
     };
     let clock = Arc::new(SystemClock);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        metrics.clone(),
-        clock.clone(),
-        Some(identity.clone()),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            metrics.clone(),
+            clock.clone(),
+            Some(identity.clone()),
+        )
+        .with_policies(policies),
+    );
 
     let result = if config.leader_elect {
         let timing = LeaseTiming {
@@ -427,6 +467,8 @@ struct Controllers {
     workload: Settings,
     /// Hosts a ScalingPolicy's Prometheus queries may go to.
     prometheus_hosts: Vec<String>,
+    /// The most reconciles each controller runs at once.
+    concurrency: u16,
 }
 
 /// How the drain timeout is shared out after SIGTERM; the watchdog ends the process at the
@@ -518,22 +560,44 @@ async fn run_controllers(
     stop: CancellationToken,
     grace: std::time::Duration,
 ) {
+    // A reconcile judging by a half-filled profile cache would miss an Enforce profile.
+    tokio::select! {
+        synced = ctx.policies.synced() => if synced.is_err() {
+            return;
+        },
+        () = stop.cancelled() => return,
+    }
     tracing::info!("starting controllers");
-    let edge = Arc::new(edge_deployment::reconcile::EdgeContext::new(
-        ctx.clone(),
-        controllers.workload,
-    ));
+    let config = kube::runtime::controller::Config::default().concurrency(controllers.concurrency);
+    // One watch of EdgeDeployments: the EdgeDeployment controller fills the cache, the
+    // ComplianceProfile controller reads it.
+    let (deployments, writer) = kube::runtime::reflector::store();
+    let (changed, changes) = cache::Changes::channel();
+    let shared = edge_deployment::Shared { writer, changed };
     let all = async {
         tokio::join!(
-            edge_deployment::run(edge, stop.clone().cancelled_owned()),
+            edge_deployment::run(
+                ctx.clone(),
+                controllers.workload,
+                config.clone(),
+                shared,
+                stop.clone().cancelled_owned()
+            ),
             scaling_policy::run(
                 Arc::new(
                     scaling_policy::reconcile::ScalingContext::new(ctx.clone())
                         .with_prometheus_hosts(controllers.prometheus_hosts)
                 ),
+                config.clone(),
                 stop.clone().cancelled_owned()
             ),
-            compliance_profile::run(ctx, stop.clone().cancelled_owned()),
+            compliance_profile::run(
+                ctx,
+                config.clone(),
+                deployments,
+                changes,
+                stop.clone().cancelled_owned()
+            ),
         )
     };
     match shutdown::within_grace(all, &stop, grace).await {
@@ -563,6 +627,29 @@ fn process_identity(base: Option<&str>, started: std::time::SystemTime, pid: u32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found on the real control plane: 1,000 EdgeDeployments applied at once sent their
+    /// Service applies all together, and the API server answered thousands of them 504.
+    #[tokio::test(start_paused = true)]
+    async fn the_client_sends_at_most_its_rate() {
+        use tower::{Layer, Service, ServiceExt};
+        let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = served.clone();
+        let inner = tower::service_fn(move |()| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Ok::<_, std::convert::Infallible>(()) }
+        });
+        let mut limited = rate_limit(100).layer(inner);
+        let start = tokio::time::Instant::now();
+        for _ in 0..250 {
+            limited.ready().await.unwrap().call(()).await.unwrap();
+        }
+        let took = start.elapsed();
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 250);
+        // 100 a second: the 250th request goes out in the 25th tenth of a second.
+        assert!(took >= std::time::Duration::from_millis(2400), "{took:?}");
+        assert!(took < std::time::Duration::from_millis(2600), "{took:?}");
+    }
 
     /// Found on a real cluster: a leader SIGKILLed and restarted in its pod came back under the
     /// same name and went on as leader at once, as if nothing had happened.

@@ -13,13 +13,11 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::runtime::reflector::Store;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -36,6 +34,7 @@ use super::certs::{self, Location};
 use super::rules::namespace_labels;
 use super::webhook::{Caches, audit_event, review_with};
 use crate::api::ComplianceProfile;
+use crate::controller::cache::Policies;
 use crate::controller::context::Clock;
 use crate::telemetry::json_error;
 
@@ -239,38 +238,22 @@ pub struct WebhookConfig {
     pub clock: Arc<dyn Clock>,
     /// Told once the webhook can answer truly: caBundle published, caches synced, listener up.
     pub ready: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The profiles and namespaces it judges by (the process's watched caches).
+    pub policies: Policies,
 }
 
 /// Serves the webhook until `shutdown`: certificates first (issued or read), then refreshed
-/// every hour; the watches behind the profile and namespace caches run alongside.
+/// every hour.
 pub async fn run(
     client: Client,
     config: WebhookConfig,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let (profiles, profiles_writer) = reflector::store();
-    let (namespaces, namespaces_writer) = reflector::store();
-    let watch_profiles = watcher(
-        Api::<ComplianceProfile>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(profiles_writer)
-    .for_each(|_| async {});
-    let watch_namespaces = watcher(
-        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(namespaces_writer)
-    .for_each(|_| async {});
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = futures::future::join(watch_profiles, watch_namespaces) => {},
-            _ = stop.cancelled() => {},
-        }
-    });
+    let Policies {
+        profiles,
+        namespaces,
+        ..
+    } = config.policies.clone();
 
     let certificate = Arc::new(Reloadable::default());
     let clock = config.clock.clone();
@@ -314,7 +297,7 @@ pub async fn run(
     // Ready only once the answers are true: the caches synced (an empty one allows what an
     // Enforce profile denies).
     tokio::select! {
-        synced = futures::future::try_join(profiles.wait_until_ready(), namespaces.wait_until_ready()) => {
+        synced = config.policies.synced() => {
             if synced.is_err() {
                 return Ok(());
             }

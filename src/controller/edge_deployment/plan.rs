@@ -2,43 +2,42 @@
 //! apply or delete, the status to write and the Events worth publishing. No I/O here, so every
 //! decision is table-tested; the rollout itself is `rollout::decide`.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use serde_json::Value;
 
 use super::analysis;
-use super::rollout::{self, Command, Measurement, Outcome, Seconds, State, Strategy};
+use super::build::{self, Build};
+use super::desired;
+use super::readiness::{achieved_weight, counts, deployment_ready};
+use super::replicas::{live_revisions, replicas_for};
+use super::retention;
+use super::rollout::{self, Command, Outcome, Seconds, State, Strategy};
+use super::rollout_status::{from_state, to_state};
 use super::security::{self, Security};
-use super::traffic;
-use super::workload::{self, REVISION_LABEL, Settings};
-use crate::api::condition::{self, Condition, ConditionStatus};
+use super::workload::{self, Settings};
+use crate::api::condition::{self, ConditionStatus};
 use crate::api::edge_deployment::{
-    AnalysisStatus, ArtifactStatus, DeviceProfile, EdgeDeployment, EdgeDeploymentSpec,
-    EdgeDeploymentStatus, GatewayApiRouting, Phase, RevisionRecord, RolloutOutcome, RolloutRecord,
-    RolloutState, StrategyType,
+    AnalysisStatus, EdgeDeployment, EdgeDeploymentSpec, EdgeDeploymentStatus, Phase,
+    RolloutOutcome, RolloutRecord, RolloutState,
 };
 use crate::controller::context::Notice;
 use crate::controller::status::condition as cond;
-use crate::runtime::REFUSED_EXIT_CODE;
 
-pub use super::workload::NAME_LABEL;
+pub use super::names::{NAME_LABEL, fnv1a64};
+pub use super::observed::Observed;
 
-pub const READY: &str = "Ready";
-pub const PROGRESSING: &str = "Progressing";
-pub const ARTIFACT_READY: &str = "ArtifactReady";
-pub const ANALYSIS_PASSING: &str = "AnalysisPassing";
+use super::conditions::{self, OWN_CONDITIONS};
+pub use super::conditions::{ANALYSIS_PASSING, ARTIFACT_READY, PROGRESSING, READY};
 /// Owned by the ComplianceProfile controller; read here, never written.
 pub use crate::controller::compliance_profile::rules::COMPLIANT;
 use crate::controller::compliance_profile::rules::ENFORCED_VIOLATION;
-/// The conditions this controller owns (server-side apply keeps the others' entries).
-const OWN_CONDITIONS: [&str; 4] = [READY, PROGRESSING, ARTIFACT_READY, ANALYSIS_PASSING];
 
 /// Annotations a user (or `kubectl kasmina`) sets to act on a rollout; consumed and removed.
 pub const COMMANDS: [(&str, Command); 5] = [
@@ -61,43 +60,6 @@ pub fn revision(spec: &EdgeDeploymentSpec, security: &Security) -> String {
         canonical.extend(serde_json::to_vec(&identity).unwrap_or_default());
     }
     format!("{:016x}", fnv1a64(&canonical))
-}
-
-/// FNV-1a: tiny, stable across platforms and releases, and plenty for naming revisions.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// What the reconciler read before planning.
-#[derive(Clone, Debug, Default)]
-pub struct Observed {
-    /// The runtime Deployments it owns.
-    pub deployments: Vec<Deployment>,
-    /// The Services it owns.
-    pub services: Vec<Service>,
-    /// The build Jobs it owns.
-    pub jobs: Vec<Job>,
-    /// The termination message of the target's build pod, once the Job ended.
-    pub build_message: Option<String>,
-    /// For `profile: auto`: the device the smallest selected node amounts to (None when the
-    /// nodes were not listed or none matched).
-    pub auto_profile: Option<DeviceProfile>,
-    /// A fresh analysis step of the candidate (the measurement and the status to keep).
-    pub analysis: Option<(Option<Measurement>, AnalysisStatus)>,
-    /// The HTTPRoute named by `gatewayAPI.httpRoute`, when that router is used.
-    pub route: Option<Value>,
-    /// Regions the ComplianceProfiles selecting it allow (empty: no pin).
-    pub allowed_regions: Vec<String>,
-    /// What the profiles ask of artifacts and runtime, and the keys Secret.
-    pub security: Security,
-    /// Why the keys the profiles call for could not be read or made.
-    pub keys_error: Option<String>,
-    /// Why the candidate's runtime refused its artifact, if one of its pods did.
-    pub candidate_refused: Option<String>,
-    /// The profiles' `retentionDays`: older revisions and their artifacts are deleted.
-    pub retention_days: Option<u32>,
 }
 
 /// What the reconciler should apply, delete, write and say.
@@ -175,29 +137,20 @@ pub fn command(ed: &EdgeDeployment) -> Option<(String, Command, String)> {
     })
 }
 
-/// The build state of the target revision's artifact.
-enum Build {
-    Ready(ArtifactStatus),
-    Running,
-    Failed(String),
-    /// No Job yet; it is created now (for this profile).
-    Start(Option<DeviceProfile>),
-    /// `profile: auto` found no node to plan for.
-    NoNodes,
-}
-
-/// Decides everything for `ed` at `now`.
-pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Timestamp) -> Plan {
+/// The plan while the spec is invalid, its source not allowed or its keys missing: Failed,
+/// said once, and nothing touched (what runs keeps running until it is fixed). None otherwise.
+fn halt(
+    ed: &EdgeDeployment,
+    seen: &Observed,
+    settings: &Settings,
+    mut status: EdgeDeploymentStatus,
+    now: Timestamp,
+) -> Option<Plan> {
     let generation = ed.metadata.generation;
-    let current = ed.status.clone().unwrap_or_default();
-    let mut status = own_status(&current);
-    status.observed_generation = generation;
-    status.selector = Some(workload::runtime_selector(&ed.name_any(), None));
     let mut plan = Plan {
         requeue: Duration::from_secs(300),
         ..Plan::default()
     };
-
     // Nothing is touched while the spec is invalid or the keys are missing: what runs keeps
     // running until that is fixed.
     let refused = settings.host_source_refusal(&ed.spec.model.source.uri);
@@ -207,111 +160,53 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
         (Ok(()), None, Some(error)) => Some(("KeysUnavailable", "Keys", error.clone())),
         (Ok(()), None, None) => None,
     };
-    if let Some((reason, action, message)) = halt {
-        status.phase = Some(Phase::Failed);
-        let ready = cond(
-            READY,
+    let (reason, action, message) = halt?;
+    status.phase = Some(Phase::Failed);
+    let ready = cond(
+        READY,
+        ConditionStatus::False,
+        reason,
+        &message,
+        generation,
+        now,
+    );
+    if condition::upsert(&mut status.conditions, ready) {
+        plan.notices.push(Notice::warning(reason, action, &message));
+    }
+    condition::upsert(
+        &mut status.conditions,
+        cond(
+            PROGRESSING,
             ConditionStatus::False,
             reason,
-            &message,
+            message,
             generation,
             now,
-        );
-        if condition::upsert(&mut status.conditions, ready) {
-            plan.notices.push(Notice::warning(reason, action, &message));
-        }
-        condition::upsert(
-            &mut status.conditions,
-            cond(
-                PROGRESSING,
-                ConditionStatus::False,
-                reason,
-                message,
-                generation,
-                now,
-            ),
-        );
-        status.replicas.get_or_insert(0);
-        status.ready_replicas.get_or_insert(0);
-        plan.status = status;
-        if seen.keys_error.is_some() {
-            // Access to the Secret may be granted any time; a spec change wakes it anyway.
-            plan.requeue = Duration::from_secs(60);
-        }
-        return plan;
+        ),
+    );
+    status.replicas.get_or_insert(0);
+    status.ready_replicas.get_or_insert(0);
+    plan.status = status;
+    if seen.keys_error.is_some() {
+        // Access to the Secret may be granted any time; a spec change wakes it anyway.
+        plan.requeue = Duration::from_secs(60);
     }
+    Some(plan)
+}
 
-    let target = revision(&ed.spec, &seen.security);
-    if current.target_revision.as_deref() != Some(target.as_str()) {
-        plan.notices.push(Notice::normal(
-            "NewRevision",
-            "Plan",
-            format!(
-                "revision {target} for model {} {}",
-                ed.spec.model.name, ed.spec.model.version
-            ),
-        ));
-    }
-    status.target_revision = Some(target.clone());
-
-    // 1. The artifact of the target revision.
-    let job_name = workload::job_name(ed, &target);
-    let live_job = seen.jobs.iter().find(|j| j.name_any() == job_name);
-    let build = build_state(ed, &current, &target, live_job, seen);
-    let artifact_ready = matches!(build, Build::Ready(_));
-    match &build {
-        Build::Ready(artifact) => {
-            if !current.revisions.iter().any(|r| r.name == target) {
-                plan.notices.push(Notice::normal(
-                    "ArtifactBuilt",
-                    "Build",
-                    format!(
-                        "revision {target}: {} ({} → {} bytes, {}, quality loss {:.4})",
-                        artifact.digest,
-                        artifact.original_size_bytes,
-                        artifact.size_bytes,
-                        artifact.quantization,
-                        artifact.quality_loss
-                    ),
-                ));
-                status.revisions.retain(|r| r.name != target);
-                status.revisions.insert(
-                    0,
-                    RevisionRecord {
-                        name: target.clone(),
-                        model_version: ed.spec.model.version.clone(),
-                        artifact: artifact.clone(),
-                        built_at: Some(Time(now)),
-                    },
-                );
-            }
-            status.artifact = Some(artifact.clone());
-        }
-        Build::Start(profile) => {
-            let job = workload::build_job(settings, ed, &target, profile.as_ref(), &seen.security);
-            plan.notices.push(Notice::normal(
-                "BuildStarted",
-                "Build",
-                format!("building revision {target} in Job {job_name}"),
-            ));
-            plan.jobs.push(job);
-        }
-        Build::Running | Build::Failed(_) | Build::NoNodes => {}
-    }
-
-    // 2. The rollout decision.
-    let strategy = Strategy::from_spec(&ed.spec.strategy);
-    let rollout_before = current.rollout.clone().unwrap_or_default();
-    let state = to_state(&rollout_before);
-    let now_s: Seconds = now.as_second();
-    let pending_command = command(ed);
-    let fresh_command = pending_command
-        .as_ref()
-        .filter(|(_, _, token)| rollout_before.last_command.as_deref() != Some(token.as_str()))
-        .map(|(_, c, _)| *c);
-    if let Some((key, _, _)) = &pending_command {
-        plan.consume = Some(key.clone());
-    }
+/// The rollout state machine's next step, from what was observed of the candidate.
+#[allow(clippy::too_many_arguments)]
+fn decide(
+    ed: &EdgeDeployment,
+    seen: &Observed,
+    current: &EdgeDeploymentStatus,
+    strategy: &Strategy,
+    target: &str,
+    artifact_ready: bool,
+    fresh_command: Option<Command>,
+    now_s: Seconds,
+) -> rollout::Decision {
+    let state = to_state(&current.rollout.clone().unwrap_or_default());
     // Only an Enforce profile's violation blocks; Warn and Audit ones are recorded.
     let compliant = condition::find(&current.conditions, COMPLIANT)
         .is_none_or(|c| c.status != ConditionStatus::False || c.reason != ENFORCED_VIOLATION);
@@ -322,7 +217,7 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
         .is_some_and(|c| deployment_ready(ed, seen, c, replicas_for(ed, &state, c)));
     let observed = rollout::Observed {
         now: now_s,
-        target: target.clone(),
+        target: target.to_owned(),
         artifact_ready,
         candidate_ready,
         compliant,
@@ -331,105 +226,22 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
         measurement,
         command: fresh_command,
     };
-    let decision = rollout::decide(&strategy, &state, &observed);
-    let next = decision.state.clone();
-    if fresh_command == Some(Command::Retry)
-        && let (Build::Failed(_), Some(job)) = (&build, live_job)
-    {
-        plan.delete_jobs.push(job.name_any());
-    }
+    rollout::decide(strategy, &state, &observed)
+}
 
-    // 3. The children the new state asks for.
-    let live = live_revisions(&next, now_s);
-    for rev in &live {
-        let Some(record) = status.revisions.iter().find(|r| &r.name == rev) else {
-            continue;
-        };
-        let desired = workload::runtime_deployment(
-            settings,
-            ed,
-            rev,
-            &record.artifact,
-            replicas_for(ed, &next, rev),
-            &seen.allowed_regions,
-            &seen.security,
-        );
-        let name = desired.name_any();
-        if !seen
-            .deployments
-            .iter()
-            .any(|d| d.name_any() == name && workload::up_to_date(d, &desired))
-        {
-            plan.deployments.push(desired);
-        }
-    }
-    for d in &seen.deployments {
-        let rev = d.labels().get(REVISION_LABEL);
-        if rev.is_none_or(|r| !live.contains(r)) && d.metadata.deletion_timestamp.is_none() {
-            plan.delete_deployments.push(d.name_any());
-        }
-    }
-    let services = desired_services(ed, &next);
-    for desired in &services {
-        if !seen
-            .services
-            .iter()
-            .any(|s| s.name_any() == desired.name_any() && workload::up_to_date(s, desired))
-        {
-            plan.services.push(desired.clone());
-        }
-    }
-    for s in &seen.services {
-        if !services.iter().any(|d| d.name_any() == s.name_any()) {
-            plan.delete_services.push(s.name_any());
-        }
-    }
-    let mut route_problem = None;
-    if let Some(routing) = gateway_route(&ed.spec) {
-        let route_name = routing.http_route.clone();
-        match &seen.route {
-            Some(route) => match route_update(ed, routing, route, next.weight) {
-                Ok(update) => plan.route_update = update.map(|r| (route_name, r)),
-                Err(e) => route_problem = Some(("HTTPRouteRuleNotFound", e.to_string())),
-            },
-            None => {
-                route_problem = Some((
-                    "HTTPRouteNotFound",
-                    format!(
-                        "HTTPRoute {route_name} (spec.strategy.canary.trafficRouting.gatewayAPI.httpRoute) not found; traffic weights are not applied"
-                    ),
-                ))
-            }
-        }
-    }
-
-    // 4. Status.
-    // Bounded history of built revisions; live ones are never forgotten.
-    // A revision that leaves status takes its artifact with it: nothing else remembers it.
-    let limit = ed.spec.revision_history_limit.max(1) as usize;
-    let mut kept = 0;
-    let (retained, trimmed): (Vec<RevisionRecord>, Vec<RevisionRecord>) =
-        std::mem::take(&mut status.revisions)
-            .into_iter()
-            .partition(|r| {
-                kept += 1;
-                kept <= limit || live.contains(&r.name) || r.name == target
-            });
-    status.revisions = retained;
-    let expired = match seen.retention_days {
-        Some(days) => expire(&mut status, &live, &target, days, now),
-        None => vec![],
-    };
-    if let Some((job, notices)) = artifact_deletion(
-        ed,
-        settings,
-        &trimmed,
-        &expired,
-        seen.retention_days.unwrap_or_default(),
-    ) {
-        plan.notices.extend(notices);
-        plan.jobs.push(job);
-    }
+/// The rollout as status records it: the state machine's state, the revisions and step it
+/// names, the last analysis, and the history of ended rollouts; `command` is the rollout
+/// before this step and the token of the command it acted on.
+fn record_rollout(
+    status: &mut EdgeDeploymentStatus,
+    seen: &Observed,
+    strategy: &Strategy,
+    decision: &rollout::Decision,
+    command: (&RolloutState, Option<String>),
+    now: Timestamp,
+) {
+    let (rollout_before, command_token) = command;
+    let next = &decision.state;
     if let Some((_, analysis)) = &seen.analysis {
         status.analysis = Some(analysis.clone());
     }
@@ -439,9 +251,9 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
         // The last result stays visible after the rollout ends; the counters are not needed.
         a.baseline = None;
     }
-    let mut rollout_after = from_state(&next, &rollout_before, now);
-    if let Some((_, _, token)) = &pending_command {
-        rollout_after.last_command = Some(token.clone());
+    let mut rollout_after = from_state(next, rollout_before, now);
+    if let Some(token) = command_token {
+        rollout_after.last_command = Some(token);
     }
     status.rollout = Some(rollout_after);
     status.stable_revision = next.stable.clone();
@@ -450,13 +262,6 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
         (rollout::Kind::Canary { .. }, Some(_)) => Some(next.step as i32),
         _ => None,
     };
-    let (replicas, ready) = counts(seen, &live);
-    status.replicas = Some(replicas);
-    status.ready_replicas = Some(ready);
-    status.canary_weight = next
-        .candidate
-        .as_ref()
-        .map(|c| achieved_weight(ed, seen, &next, c));
     if let Some(ended) = &decision.ended {
         status.history.insert(
             0,
@@ -475,238 +280,151 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
         );
         status.history.truncate(10);
     }
-    for n in &decision.notes {
-        plan.notices.push(if n.warning {
+}
+
+/// Decides everything for `ed` at `now`.
+pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Timestamp) -> Plan {
+    let generation = ed.metadata.generation;
+    let current = ed.status.clone().unwrap_or_default();
+    let mut status = own_status(&current);
+    status.observed_generation = generation;
+    status.selector = Some(workload::runtime_selector(&ed.name_any(), None));
+    let mut plan = Plan {
+        requeue: Duration::from_secs(300),
+        ..Plan::default()
+    };
+
+    if let Some(halted) = halt(ed, seen, settings, status.clone(), now) {
+        return halted;
+    }
+
+    let target = revision(&ed.spec, &seen.security);
+    if current.target_revision.as_deref() != Some(target.as_str()) {
+        plan.notices.push(Notice::normal(
+            "NewRevision",
+            "Plan",
+            format!(
+                "revision {target} for model {} {}",
+                ed.spec.model.name, ed.spec.model.version
+            ),
+        ));
+    }
+    status.target_revision = Some(target.clone());
+
+    // 1. Build: the artifact of the target revision.
+    let job_name = workload::job_name(ed, &target);
+    let live_job = seen.jobs.iter().find(|j| j.name_any() == job_name);
+    let build = build::step(
+        ed,
+        seen,
+        settings,
+        &target,
+        &mut status,
+        (&mut plan.notices, &mut plan.jobs),
+        now,
+    );
+    let artifact_ready = matches!(build, Build::Ready(_));
+
+    // 2. Rollout: the state machine's step, and the command it acts on.
+    let strategy = Strategy::from_spec(&ed.spec.strategy);
+    let rollout_before = current.rollout.clone().unwrap_or_default();
+    let now_s: Seconds = now.as_second();
+    let pending_command = command(ed);
+    let fresh_command = pending_command
+        .as_ref()
+        .filter(|(_, _, token)| rollout_before.last_command.as_deref() != Some(token.as_str()))
+        .map(|(_, c, _)| *c);
+    if let Some((key, _, _)) = &pending_command {
+        plan.consume = Some(key.clone());
+    }
+    let decision = decide(
+        ed,
+        seen,
+        &current,
+        &strategy,
+        &target,
+        artifact_ready,
+        fresh_command,
+        now_s,
+    );
+    let next = decision.state.clone();
+    if fresh_command == Some(Command::Retry)
+        && let (Build::Failed(_), Some(job)) = (&build, live_job)
+    {
+        plan.delete_jobs.push(job.name_any());
+    }
+
+    // 3. Children: what the new state asks the cluster to hold.
+    let live = live_revisions(&next, now_s);
+    let desired = desired::children(ed, seen, settings, &status.revisions, &next, &live);
+    plan.deployments = desired.deployments;
+    plan.delete_deployments = desired.delete_deployments;
+    plan.services = desired.services;
+    plan.delete_services = desired.delete_services;
+    plan.route_update = desired.route_update;
+    let route_problem = desired.route_problem;
+
+    // 4. Status: retention, the rollout as recorded, counts, phase and conditions.
+    if let Some((job, notices)) = retention::step(
+        ed,
+        settings,
+        &mut status,
+        &live,
+        &target,
+        seen.retention_days,
+        now,
+    ) {
+        plan.notices.extend(notices);
+        plan.jobs.push(job);
+    }
+    let (replicas, ready) = counts(seen, &live);
+    let token = pending_command.as_ref().map(|(_, _, token)| token.clone());
+    record_rollout(
+        &mut status,
+        seen,
+        &strategy,
+        &decision,
+        (&rollout_before, token),
+        now,
+    );
+    status.replicas = Some(replicas);
+    status.ready_replicas = Some(ready);
+    status.canary_weight = next
+        .candidate
+        .as_ref()
+        .map(|c| achieved_weight(ed, seen, &next, c));
+    plan.notices.extend(decision.notes.iter().map(|n| {
+        if n.warning {
             Notice::warning(n.reason, "Rollout", &n.message)
         } else {
             Notice::normal(n.reason, "Rollout", &n.message)
-        });
-    }
+        }
+    }));
 
     let stable_ready = next
         .stable
         .as_deref()
         .is_some_and(|s| deployment_ready(ed, seen, s, replicas_for(ed, &next, s)));
-    let phase = match (&build, decision.phase) {
-        (Build::Failed(_) | Build::NoNodes, _) => Phase::Failed,
-        (_, rollout::Phase::Pending) if !artifact_ready => Phase::Building,
-        (_, rollout::Phase::Pending) => Phase::Progressing,
-        (_, rollout::Phase::Progressing) if !artifact_ready => Phase::Building,
-        (_, rollout::Phase::Progressing) => Phase::Progressing,
-        (_, rollout::Phase::Paused) => Phase::Paused,
-        (_, rollout::Phase::Healthy) if stable_ready => Phase::Healthy,
-        (_, rollout::Phase::Healthy) => Phase::Degraded,
-        (_, rollout::Phase::RolledBack) => Phase::RolledBack,
-    };
+    let phase = conditions::phase(&build, decision.phase, stable_ready);
     status.phase = Some(phase);
-
-    // Conditions.
-    let g = generation;
-    let artifact_cond = match &build {
-        Build::Ready(a) => cond(
-            ARTIFACT_READY,
-            ConditionStatus::True,
-            "Built",
-            format!(
-                "revision {target}: {} at {}",
-                a.digest,
-                a.uri.as_deref().unwrap_or("?")
-            ),
-            g,
-            now,
-        ),
-        Build::Running | Build::Start(_) => cond(
-            ARTIFACT_READY,
-            ConditionStatus::False,
-            "Building",
-            format!("building revision {target} in Job {job_name}"),
-            g,
-            now,
-        ),
-        Build::Failed(message) => cond(
-            ARTIFACT_READY,
-            ConditionStatus::False,
-            "BuildFailed",
-            format!("Job {job_name}: {message}"),
-            g,
-            now,
-        ),
-        Build::NoNodes => cond(
-            ARTIFACT_READY,
-            ConditionStatus::False,
-            "NoMatchingNodes",
-            "optimization.profile is auto, but no node matches spec.template.nodeSelector; set \
-             spec.optimization.profile or fix the selector",
-            g,
-            now,
-        ),
+    let facts = conditions::Facts {
+        build: &build,
+        target: &target,
+        job_name: &job_name,
+        phase,
+        decision: &decision,
+        next: &next,
+        before: &current.conditions,
+        analysed: ed.spec.strategy.analysis.is_some(),
+        replicas,
+        ready,
+        generation,
+        now,
     };
-    let reason_before =
-        condition::find(&status.conditions, ARTIFACT_READY).map(|c| c.reason.clone());
-    condition::upsert(&mut status.conditions, artifact_cond.clone());
-    if reason_before.as_deref() != Some(artifact_cond.reason.as_str())
-        && matches!(build, Build::Failed(_) | Build::NoNodes)
-    {
-        plan.notices.push(Notice::warning(
-            &artifact_cond.reason,
-            "Build",
-            &artifact_cond.message,
-        ));
-    }
+    conditions::write(&mut status, &facts, &mut plan.notices);
     if let Some((reason, message)) = route_problem {
         plan.notices.push(Notice::warning(reason, "Route", message));
     }
-    if ed.spec.strategy.analysis.is_some() {
-        let a = status.analysis.as_ref();
-        let (s, reason, message) = match (decision.phase, a.and_then(|a| a.last_result.as_deref()))
-        {
-            (rollout::Phase::RolledBack, _) => (
-                ConditionStatus::False,
-                "RolledBack",
-                decision
-                    .ended
-                    .as_ref()
-                    .map(|e| e.reason.clone())
-                    .or_else(|| {
-                        condition::find(&current.conditions, ANALYSIS_PASSING)
-                            .map(|c| c.message.clone())
-                    })
-                    .unwrap_or_default(),
-            ),
-            (_, Some("Passed")) => (
-                ConditionStatus::True,
-                "Passed",
-                a.map(|a| a.message.clone()).unwrap_or_default(),
-            ),
-            (_, Some("Failed")) => (
-                ConditionStatus::False,
-                "Failed",
-                a.map(|a| a.message.clone()).unwrap_or_default(),
-            ),
-            _ if next.candidate.is_none() => (
-                ConditionStatus::True,
-                "NoRollout",
-                "no rollout in progress".into(),
-            ),
-            _ => (
-                ConditionStatus::Unknown,
-                "Measuring",
-                a.map(|a| a.message.clone())
-                    .filter(|m| !m.is_empty())
-                    .unwrap_or_else(|| "waiting for the first interval".into()),
-            ),
-        };
-        condition::upsert(
-            &mut status.conditions,
-            cond(ANALYSIS_PASSING, s, reason, message, g, now),
-        );
-    } else {
-        status.conditions.retain(|c| c.type_ != ANALYSIS_PASSING);
-    }
-    let (p_status, p_reason, p_message) = match (phase, &decision.waiting) {
-        (Phase::Failed, _) => (
-            ConditionStatus::False,
-            artifact_cond.reason.as_str(),
-            artifact_cond.message.clone(),
-        ),
-        (Phase::RolledBack, _) => (
-            ConditionStatus::False,
-            "RolledBack",
-            status
-                .history
-                .first()
-                .map(|h| format!("revision {}: {}", h.revision, h.reason))
-                .unwrap_or_default(),
-        ),
-        (Phase::Paused, why) => (
-            ConditionStatus::Unknown,
-            "Paused",
-            why.clone().unwrap_or_else(|| "paused".into()),
-        ),
-        (Phase::Healthy | Phase::Degraded, _) => (
-            ConditionStatus::True,
-            "RolloutComplete",
-            format!(
-                "revision {} serves all traffic",
-                next.stable.as_deref().unwrap_or("?")
-            ),
-        ),
-        (_, why) => (
-            ConditionStatus::True,
-            "RolloutInProgress",
-            match (&next.candidate, why) {
-                (Some(c), Some(why)) => format!("revision {c}: {why}"),
-                (Some(c), None) => format!("revision {c}: step {}", next.step),
-                (None, Some(why)) => why.clone(),
-                (None, None) => format!("revision {target}: building the artifact"),
-            },
-        ),
-    };
-    condition::upsert(
-        &mut status.conditions,
-        cond(PROGRESSING, p_status, p_reason, p_message, g, now),
-    );
-    let ready = match phase {
-        Phase::Healthy => cond(
-            READY,
-            ConditionStatus::True,
-            "Healthy",
-            format!("revision {target} is serving with {ready}/{replicas} replicas ready"),
-            g,
-            now,
-        ),
-        Phase::Degraded => cond(
-            READY,
-            ConditionStatus::False,
-            "Degraded",
-            format!("{ready}/{replicas} replicas ready"),
-            g,
-            now,
-        ),
-        Phase::RolledBack => cond(
-            READY,
-            ConditionStatus::False,
-            "RolledBack",
-            format!(
-                "revision {target} was rolled back; revision {} serves",
-                next.stable.as_deref().unwrap_or("?")
-            ),
-            g,
-            now,
-        ),
-        Phase::Failed => cond(
-            READY,
-            ConditionStatus::False,
-            &artifact_cond.reason,
-            artifact_cond.message.clone(),
-            g,
-            now,
-        ),
-        Phase::Pending | Phase::Building => cond(
-            READY,
-            ConditionStatus::False,
-            "AwaitingArtifact",
-            format!("revision {target}: waiting for its artifact build"),
-            g,
-            now,
-        ),
-        Phase::Progressing | Phase::Paused => cond(
-            READY,
-            ConditionStatus::False,
-            "RolloutInProgress",
-            format!("revision {target} is rolling out"),
-            g,
-            now,
-        ),
-    };
-    condition::upsert(&mut status.conditions, ready);
-    let order = |c: &Condition| {
-        OWN_CONDITIONS
-            .iter()
-            .position(|t| *t == c.type_)
-            .unwrap_or(99)
-    };
-    status.conditions.sort_by_key(order);
 
     plan.requeue = requeue(
         ed,
@@ -718,386 +436,6 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
     );
     plan.status = status;
     plan
-}
-
-fn build_state(
-    ed: &EdgeDeployment,
-    current: &EdgeDeploymentStatus,
-    target: &str,
-    job: Option<&Job>,
-    seen: &Observed,
-) -> Build {
-    if let Some(r) = current.revisions.iter().find(|r| r.name == target) {
-        return Build::Ready(r.artifact.clone());
-    }
-    let Some(job) = job else {
-        return match (&ed.spec.optimization.profile, &seen.auto_profile) {
-            (Some(p), _) | (None, Some(p)) => Build::Start(Some(p.clone())),
-            (None, None) => Build::NoNodes,
-        };
-    };
-    let js = job.status.as_ref();
-    if js.and_then(|s| s.succeeded).unwrap_or(0) > 0 {
-        return match seen.build_message.as_deref().map(parse_summary) {
-            Some(Ok(a)) => Build::Ready(a),
-            Some(Err(e)) => Build::Failed(format!(
-                "the build succeeded but its summary is unreadable: {e}"
-            )),
-            None => Build::Running,
-        };
-    }
-    let failed = js
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Failed" && c.status == "True"));
-    if failed {
-        let message = seen
-            .build_message
-            .clone()
-            .filter(|m| !m.trim().is_empty())
-            .unwrap_or_else(|| "the build Job failed without a message; see its pod's logs".into());
-        return Build::Failed(message.trim().to_owned());
-    }
-    Build::Running
-}
-
-/// `retentionDays`: revisions built longer ago than that (never a live one or the target)
-/// leave status and are returned; rollout history older than that goes too.
-fn expire(
-    status: &mut EdgeDeploymentStatus,
-    live: &BTreeSet<String>,
-    target: &str,
-    days: u32,
-    now: Timestamp,
-) -> Vec<RevisionRecord> {
-    let cutoff = now.as_second() - i64::from(days) * 86_400;
-    let old = |t: &Option<Time>| t.as_ref().is_some_and(|t| t.0.as_second() < cutoff);
-    let (expired, kept): (Vec<RevisionRecord>, Vec<RevisionRecord>) =
-        std::mem::take(&mut status.revisions)
-            .into_iter()
-            .partition(|r| old(&r.built_at) && !live.contains(&r.name) && r.name != target);
-    status.revisions = kept;
-    status.history.retain(|h| !old(&h.finished_at));
-    expired
-}
-
-/// The Job that deletes the artifacts of revisions trimmed by the history limit and expired
-/// by `retentionDays`, and an Event for each reason; None when no revision left.
-fn artifact_deletion(
-    ed: &EdgeDeployment,
-    settings: &Settings,
-    trimmed: &[RevisionRecord],
-    expired: &[RevisionRecord],
-    days: u32,
-) -> Option<(Job, Vec<Notice>)> {
-    if trimmed.is_empty() && expired.is_empty() {
-        return None;
-    }
-    let uris: Vec<String> = trimmed
-        .iter()
-        .chain(expired)
-        .map(|r| workload::built_artifact_uri(settings, ed, &r.name, &r.artifact))
-        .collect();
-    let job = workload::retention_job(settings, ed, &uris);
-    let reasons = [
-        (
-            trimmed,
-            "RevisionsTrimmed",
-            format!(
-                "past revisionHistoryLimit {}",
-                ed.spec.revision_history_limit
-            ),
-        ),
-        (
-            expired,
-            "RetentionExpired",
-            format!("older than {days} days"),
-        ),
-    ];
-    let notices = reasons
-        .into_iter()
-        .filter(|(records, ..)| !records.is_empty())
-        .map(|(records, reason, why)| {
-            let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
-            Notice::normal(
-                reason,
-                "Retention",
-                format!(
-                    "revisions {} are {why}: removed, their artifacts deleted by Job {}",
-                    names.join(", "),
-                    job.name_any()
-                ),
-            )
-        })
-        .collect();
-    Some((job, notices))
-}
-
-/// Why a revision's runtime refused its artifact: a container that exited with the runtime's
-/// refusal code, with its termination message (the runtime's last log line). None when no pod
-/// did — a crash for another reason may heal and is left to the Deployment's restarts.
-pub fn refusal(pods: &[Pod]) -> Option<String> {
-    pods.iter().find_map(|pod| {
-        let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-        statuses.iter().find_map(|c| {
-            let refused = [c.state.as_ref(), c.last_state.as_ref()]
-                .into_iter()
-                .flatten()
-                .filter_map(|s| s.terminated.as_ref())
-                .find(|t| t.exit_code == i32::from(REFUSED_EXIT_CODE))?;
-            let message = refused
-                .message
-                .as_deref()
-                .and_then(|m| m.trim().lines().last())
-                .map(|m| m.trim().trim_start_matches("error: ").to_owned())
-                .unwrap_or_else(|| format!("exit code {REFUSED_EXIT_CODE}"));
-            Some(format!("pod {}: {message}", pod.name_any()))
-        })
-    })
-}
-
-/// The builder's termination message (its JSON summary) as the artifact status.
-pub fn parse_summary(message: &str) -> Result<ArtifactStatus, serde_json::Error> {
-    let s: crate::artifact::manifest::Summary = serde_json::from_str(message.trim())?;
-    Ok(ArtifactStatus {
-        digest: s.digest,
-        uri: Some(s.uri),
-        size_bytes: s.size_bytes as i64,
-        original_size_bytes: s.original_size_bytes as i64,
-        quantization: s.quantization,
-        sparsity: s.sparsity,
-        quality_loss: s.quality_loss,
-        signed: s.signed,
-        encrypted: s.encrypted,
-    })
-}
-
-fn to_state(r: &RolloutState) -> State {
-    State {
-        stable: r.stable.clone(),
-        candidate: r.candidate.clone(),
-        step: r.step,
-        step_started_at: r.step_started_at.as_ref().map_or(0, |t| t.0.as_second()),
-        weight: r.weight.min(100),
-        passed: r.passed,
-        failed: r.failed,
-        previous: r.previous.clone(),
-        scale_down_at: r.scale_down_at.as_ref().map(|t| t.0.as_second()),
-        aborted: r.aborted.clone(),
-        paused: r.paused,
-    }
-}
-
-fn time(s: Seconds) -> Option<Time> {
-    Timestamp::from_second(s).ok().map(Time)
-}
-
-fn from_state(s: &State, before: &RolloutState, now: Timestamp) -> RolloutState {
-    let started_at = match (&s.candidate, &before.candidate) {
-        (Some(c), Some(b)) if c == b => before.started_at.clone(),
-        (Some(_), _) => Some(Time(now)),
-        (None, _) => None,
-    };
-    RolloutState {
-        stable: s.stable.clone(),
-        candidate: s.candidate.clone(),
-        step: s.step,
-        step_started_at: s.candidate.as_ref().and_then(|_| time(s.step_started_at)),
-        weight: s.weight,
-        passed: s.passed,
-        failed: s.failed,
-        previous: s.previous.clone(),
-        scale_down_at: s.scale_down_at.and_then(time),
-        aborted: s.aborted.clone(),
-        paused: s.paused,
-        last_command: before.last_command.clone(),
-        started_at,
-    }
-}
-
-/// Revisions that keep a Deployment: stable, candidate, and the previous stable until its
-/// scale-down time.
-fn live_revisions(s: &State, now: Seconds) -> BTreeSet<String> {
-    let previous = s
-        .previous
-        .clone()
-        .filter(|_| s.scale_down_at.is_some_and(|at| now < at));
-    [s.stable.clone(), s.candidate.clone(), previous]
-        .into_iter()
-        .flatten()
-        .collect()
-}
-
-fn gateway_route(spec: &EdgeDeploymentSpec) -> Option<&GatewayApiRouting> {
-    if spec.strategy.type_ != StrategyType::Canary {
-        return None;
-    }
-    spec.strategy
-        .canary
-        .as_ref()?
-        .traffic_routing
-        .gateway_api
-        .as_ref()
-}
-
-fn replica_ratio(spec: &EdgeDeploymentSpec) -> bool {
-    spec.strategy.type_ == StrategyType::Canary && gateway_route(spec).is_none()
-}
-
-/// Replicas of `rev`'s Deployment in state `s`.
-pub fn replicas_for(ed: &EdgeDeployment, s: &State, rev: &str) -> i32 {
-    replicas_at(&ed.spec, s, rev, ed.spec.replicas)
-}
-
-/// Replicas of `rev`'s Deployment in state `s` were `spec.replicas` set to `n`.
-fn replicas_at(spec: &EdgeDeploymentSpec, s: &State, rev: &str, n: i32) -> i32 {
-    let is_candidate = s.candidate.as_deref() == Some(rev);
-    let is_stable = s.stable.as_deref() == Some(rev);
-    if spec.strategy.type_ == StrategyType::Canary {
-        if replica_ratio(spec) {
-            let split = traffic::replica_ratio(n, i32::from(s.weight));
-            return match (is_candidate, is_stable, s.candidate.is_some()) {
-                (true, _, _) => split.canary,
-                (_, true, true) => split.stable,
-                (_, true, false) => n,
-                // The old stable would take traffic back through the shared Service.
-                _ => 0,
-            };
-        }
-        return match (is_candidate, is_stable) {
-            (true, _) => ((n * i32::from(s.weight)) as f64 / 100.0).ceil().max(1.0) as i32,
-            (_, true) => n,
-            _ => 0,
-        };
-    }
-    // Rolling and blue-green: every live revision runs at full size (instant switch and
-    // instant rollback).
-    n
-}
-
-/// The revisions whose pods take user traffic now: the stable one, and the candidate unless
-/// it is a blue-green preview (which only sees analysis traffic). The autoscaler reads these.
-pub fn traffic_revisions(ed: &EdgeDeployment) -> Vec<String> {
-    let Some(r) = ed.status.as_ref().and_then(|s| s.rollout.as_ref()) else {
-        return vec![];
-    };
-    let preview = ed.spec.strategy.type_ == StrategyType::BlueGreen;
-    let candidate = r.candidate.clone().filter(|_| !preview);
-    r.stable.iter().cloned().chain(candidate).collect()
-}
-
-/// Pods taking traffic were `spec.replicas` set to `n`: with a canary running, both revisions
-/// scale together and keep the canary's weight.
-pub fn traffic_pods(ed: &EdgeDeployment, n: i32) -> i32 {
-    let state = ed
-        .status
-        .as_ref()
-        .and_then(|s| s.rollout.as_ref())
-        .map(to_state)
-        .unwrap_or_default();
-    let revisions = traffic_revisions(ed);
-    if revisions.is_empty() {
-        return n;
-    }
-    revisions
-        .iter()
-        .map(|rev| replicas_at(&ed.spec, &state, rev, n))
-        .sum()
-}
-
-fn deployment_ready(ed: &EdgeDeployment, seen: &Observed, rev: &str, want: i32) -> bool {
-    let name = workload::deployment_name(ed, rev);
-    seen.deployments.iter().any(|d| {
-        let spec_replicas = d.spec.replicas.unwrap_or(1);
-        let Some(st) = d.status.as_ref() else {
-            return false;
-        };
-        d.name_any() == name
-            && spec_replicas == want
-            && st.observed_generation >= d.metadata.generation
-            && st.updated_replicas.unwrap_or(0) >= want
-            && st.available_replicas.unwrap_or(0) >= want
-    })
-}
-
-fn counts(seen: &Observed, live: &BTreeSet<String>) -> (i32, i32) {
-    seen.deployments
-        .iter()
-        .filter(|d| {
-            d.labels()
-                .get(REVISION_LABEL)
-                .is_some_and(|r| live.contains(r))
-        })
-        .filter_map(|d| d.status.as_ref())
-        .fold((0, 0), |(r, ready), s| {
-            (
-                r + s.replicas.unwrap_or(0),
-                ready + s.ready_replicas.unwrap_or(0),
-            )
-        })
-}
-
-fn ready_of(ed: &EdgeDeployment, seen: &Observed, rev: &str) -> i32 {
-    let name = workload::deployment_name(ed, rev);
-    seen.deployments
-        .iter()
-        .find(|d| d.name_any() == name)
-        .and_then(|d| d.status.as_ref()?.ready_replicas)
-        .unwrap_or(0)
-}
-
-/// The canary weight traffic actually sees: for `replicaRatio` the share of ready pods,
-/// otherwise the weight the router was given.
-fn achieved_weight(ed: &EdgeDeployment, seen: &Observed, s: &State, candidate: &str) -> i32 {
-    if !replica_ratio(&ed.spec) {
-        return i32::from(s.weight);
-    }
-    let c = ready_of(ed, seen, candidate);
-    let st = s.stable.as_deref().map_or(0, |r| ready_of(ed, seen, r));
-    if c + st == 0 {
-        return 0;
-    }
-    ((100 * c) as f64 / (c + st) as f64).round() as i32
-}
-
-fn desired_services(ed: &EdgeDeployment, s: &State) -> Vec<Service> {
-    let name = ed.name_any();
-    let serving = s.stable.as_deref().or(s.candidate.as_deref());
-    let newest = s.candidate.as_deref().or(s.stable.as_deref());
-    let mut out = vec![workload::service(
-        ed,
-        name.clone(),
-        if replica_ratio(&ed.spec) {
-            None
-        } else {
-            serving
-        },
-    )];
-    match ed.spec.strategy.type_ {
-        StrategyType::BlueGreen => {
-            out.push(workload::service(ed, format!("{name}-preview"), newest))
-        }
-        StrategyType::Canary => out.push(workload::service(ed, format!("{name}-canary"), newest)),
-        StrategyType::Rolling => {}
-    }
-    out
-}
-
-/// The HTTPRoute with this EdgeDeployment's stable/canary weights, or None when it has them.
-fn route_update(
-    ed: &EdgeDeployment,
-    routing: &GatewayApiRouting,
-    route: &Value,
-    weight: u8,
-) -> Result<Option<Value>, traffic::RouteError> {
-    let name = ed.name_any();
-    let canary = format!("{name}-canary");
-    let target = traffic::RouteTarget {
-        rule: routing.rule.as_deref(),
-        stable_service: &name,
-        canary_service: &canary,
-        port: workload::SERVICE_PORT,
-    };
-    traffic::route_update(route, target, i32::from(weight))
 }
 
 fn requeue(
@@ -1131,63 +469,15 @@ fn requeue(
     Duration::from_secs(next.max(1) as u64)
 }
 
-/// Parses a Kubernetes quantity into a plain number: bytes (`129e6`, `123Mi`, `1G`) or cores
-/// (`1500m`, and the `n`anocores `metrics.k8s.io` reports).
-pub fn quantity(q: &str) -> Option<f64> {
-    let q = q.trim();
-    let split = q
-        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
-        .unwrap_or(q.len());
-    let (number, suffix) = q.split_at(split);
-    let factor = match suffix {
-        "" => 1.0,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0_f64.powi(2),
-        "Gi" => 1024.0_f64.powi(3),
-        "Ti" => 1024.0_f64.powi(4),
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "m" => 1e-3,
-        "u" => 1e-6,
-        "n" => 1e-9,
-        "Pi" => 1024.0_f64.powi(5),
-        "P" => 1e15,
-        _ => return None,
-    };
-    Some(number.parse::<f64>().ok()? * factor)
-}
-
-/// `profile: auto`: the device the smallest node selected by the template amounts to (its
-/// allocatable memory and CPUs).
-pub fn smallest_node_profile(spec: &EdgeDeploymentSpec, nodes: &[Node]) -> Option<DeviceProfile> {
-    nodes
-        .iter()
-        .filter(|n| {
-            let labels = n.metadata.labels.clone().unwrap_or_default();
-            spec.template
-                .node_selector
-                .iter()
-                .all(|(k, v)| labels.get(k) == Some(v))
-        })
-        .filter_map(|n| {
-            let alloc = n.status.as_ref()?.allocatable.as_ref()?;
-            let memory = quantity(&alloc.get("memory")?.0)?;
-            let cpu = alloc.get("cpu").and_then(|c| quantity(&c.0)).unwrap_or(1.0);
-            Some(DeviceProfile {
-                memory_mib: (memory / (1024.0 * 1024.0)) as u32,
-                cpu_cores: (cpu.floor() as u32).max(1),
-                accelerator: Default::default(),
-            })
-        })
-        .min_by_key(|p| p.memory_mib)
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::api::edge_deployment::*;
+    use crate::api::quantity::parse as quantity;
+    use crate::controller::edge_deployment::build::smallest_node_profile;
+    use crate::controller::edge_deployment::names::REVISION_LABEL;
+    use crate::controller::edge_deployment::rollout::Measurement;
+    use k8s_openapi::api::core::v1::Node;
 
     pub(crate) fn now() -> Timestamp {
         Timestamp::from_second(1_800_000_000).unwrap()

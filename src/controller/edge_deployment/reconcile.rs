@@ -18,16 +18,18 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::analysis;
+use super::build;
 use super::cleanup;
 use super::plan::{self, Observed, own_status};
 use super::scrape;
 use super::security::{self, Keys, Needs};
+use super::watch::{self, ChildCaches};
 use super::workload::{self, NAME_LABEL, Settings};
 use crate::api::EdgeDeployment;
 use crate::controller::compliance_profile::rules::Verdict;
 use crate::controller::context::{Backoff, Context, FIELD_MANAGER, Notice};
 use crate::controller::status::apply_status;
-use crate::controller::{audit, compliance_profile};
+use crate::controller::{audit, cache};
 
 pub const CONTROLLER: &str = "edgedeployment";
 
@@ -41,15 +43,18 @@ pub struct EdgeContext {
     pub http: reqwest::Client,
     /// The runtime pods' metrics port (tests point it at a local server).
     pub metrics_port: u16,
+    /// Every EdgeDeployment's Jobs, Deployments and Services, kept current by watches.
+    pub children: ChildCaches,
 }
 
 impl EdgeContext {
-    pub fn new(base: Arc<Context>, settings: Settings) -> Self {
+    pub fn new(base: Arc<Context>, settings: Settings, children: ChildCaches) -> Self {
         Self {
             base,
             settings,
             http: crate::controller::http::client(),
             metrics_port: workload::RUNTIME_PORT as u16,
+            children,
         }
     }
 }
@@ -113,28 +118,6 @@ fn api_error(
     }
 }
 
-/// Lists the children of `ed` of one kind: labelled with its name and controlled by it.
-async fn children<K>(api: &Api<K>, ed: &EdgeDeployment, ns: &str) -> Result<Vec<K>, Error>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    let selector = format!("{NAME_LABEL}={}", ed.name_any());
-    let list = api
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(api_error("list", K::plural(&()).into_owned(), ns))?;
-    let uid = ed.uid();
-    Ok(list
-        .items
-        .into_iter()
-        .filter(|k| {
-            k.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true))
-        })
-        .collect())
-}
-
 async fn apply<K>(api: &Api<K>, object: &K, ns: &str) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
@@ -184,21 +167,6 @@ async fn build_message(pods: &Api<Pod>, job: &str, ns: &str) -> Result<Option<St
         .collect();
     messages.sort();
     Ok(messages.pop().map(|(_, m)| m))
-}
-
-/// The runtime pods of one revision.
-async fn revision_pods(
-    pods: &Api<Pod>,
-    name: &str,
-    rev: &str,
-    ns: &str,
-) -> Result<Vec<Pod>, Error> {
-    let selector = workload::runtime_selector(name, Some(rev));
-    Ok(pods
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(api_error("list", format!("pods of revision {rev}"), ns))?
-        .items)
 }
 
 /// Reads the keys Secret of `ed` and makes the keys `needs` calls for that it lacks. A failure
@@ -343,15 +311,14 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
     let eds: Api<EdgeDeployment> = Api::namespaced(client.clone(), &ns);
     let status = ed.status.clone().unwrap_or_default();
 
+    let cached = &ctx.children;
+
     // Deletion first: a deleted object's artifacts go before it does.
     let cleanup_job = match ed.metadata.deletion_timestamp {
-        Some(_) => jobs
-            .get_opt(&cleanup::job_name(&ed))
-            .await
-            .map_err(api_error("get", "the cleanup Job", &ns))?,
+        Some(_) => cache::get(&cached.jobs, &ns, &cleanup::job_name(&ed)),
         None => None,
     };
-    match cleanup::step(&ed, &ctx.settings, cleanup_job.as_ref()) {
+    match cleanup::step(&ed, &ctx.settings, cleanup_job.as_deref()) {
         cleanup::Step::Live => {}
         cleanup::Step::Hold => hold(&eds, &ed).await.map_err(api_error(
             "add_finalizer",
@@ -361,16 +328,16 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
         step => return clean_up(&ctx, &ed, &eds, &jobs, step).await,
     }
 
-    // Observe.
+    // Observe, from the caches.
+    let uid = ed.uid().unwrap_or_default();
+    let label = (NAME_LABEL, name.as_str());
     let mut seen = Observed {
-        deployments: children(&deployments, &ed, &ns).await?,
-        services: children(&services, &ed, &ns).await?,
-        jobs: children(&jobs, &ed, &ns).await?,
+        deployments: cache::controlled(&cached.deployments, &ns, label, &uid),
+        services: cache::controlled(&cached.services, &ns, label, &uid),
+        jobs: cache::controlled(&cached.jobs, &ns, label, &uid),
         ..Observed::default()
     };
-    let verdict = compliance_profile::verdict_for(&client, &ed, &ns)
-        .await
-        .map_err(api_error("list", "complianceprofiles", &ns))?;
+    let verdict = base.policies.verdict(&ed);
     let rules = &verdict.rules;
     seen.allowed_regions = rules.allowed_regions.clone();
     seen.retention_days = rules.retention_days;
@@ -423,7 +390,7 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
                         .list(&ListParams::default())
                         .await
                         .map_err(api_error("list", "nodes", &ns))?;
-                    seen.auto_profile = plan::smallest_node_profile(&ed.spec, &list.items);
+                    seen.auto_profile = build::smallest_node_profile(&ed.spec, &list.items);
                 }
                 None => {}
             }
@@ -432,17 +399,17 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
         // The candidate's pods tell whether its runtime refused the artifact.
         let mut candidate_pods = vec![];
         if let Some(candidate) = rollout.candidate.as_deref() {
-            candidate_pods = revision_pods(&pods, &name, candidate, &ns).await?;
-            seen.candidate_refused = plan::refusal(&candidate_pods);
+            candidate_pods = watch::revision_pods(&cached.pods, &ns, &name, candidate);
+            seen.candidate_refused = build::refusal(&candidate_pods);
         }
         if let Some(candidate) = rollout.candidate.as_deref()
             && let Some(spec) = ed.spec.strategy.analysis.as_ref()
             && analysis::due(Some(spec), status.analysis.as_ref(), candidate, now)
         {
-            let stable_pods = match rollout.stable.as_deref() {
-                Some(rev) => Some(revision_pods(&pods, &name, rev, &ns).await?),
-                None => None,
-            };
+            let stable_pods = rollout
+                .stable
+                .as_deref()
+                .map(|rev| watch::revision_pods(&cached.pods, &ns, &name, rev));
             let mut snapshots = vec![];
             for list in [Some(&candidate_pods), stable_pods.as_ref()] {
                 let Some(list) = list else {
@@ -568,8 +535,8 @@ async fn clean_up(
     jobs: &Api<Job>,
     step: cleanup::Step,
 ) -> Result<Action, Error> {
-    // The cleanup Job is not owned (see workload::cleanup_job), so no watch event wakes us.
-    const LOOK_AGAIN: Duration = Duration::from_secs(2);
+    // The cleanup Job's changes wake us (its label maps it here); this is a safety net.
+    const LOOK_AGAIN: Duration = Duration::from_secs(30);
     let name = ed.name_any();
     let ns = ed.namespace().unwrap_or_default();
     let notice = match step {
@@ -616,34 +583,17 @@ async fn clean_up(
 /// Publishes a cleanup notice and audits it when a profile asks for audit records.
 async fn announce(ctx: &EdgeContext, ed: &EdgeDeployment, notice: &Notice) {
     let base = &ctx.base;
-    let ns = ed.namespace().unwrap_or_default();
     base.publish(&ed.object_ref(&()), std::slice::from_ref(notice))
         .await;
-    match compliance_profile::verdict_for(&base.client, ed, &ns).await {
-        Ok(verdict) => audit_notices(base, ed, &verdict, std::slice::from_ref(notice)),
-        Err(error) => tracing::warn!(%error, "could not read the profiles to audit the cleanup"),
-    }
+    let verdict = base.policies.verdict(ed);
+    audit_notices(base, ed, &verdict, std::slice::from_ref(notice));
 }
 
 /// The audit records of the audited decisions among `notices`, when a selecting profile asks
 /// for them.
 fn audit_notices(base: &Context, ed: &EdgeDeployment, verdict: &Verdict, notices: &[Notice]) {
-    if verdict.rules.audit_logging != Some(true) {
-        return;
-    }
-    let actor = audit::Actor {
-        who: &base.instance,
-        on_behalf_of: audit::spec_manager(&ed.metadata),
-        what: format!(
-            "EdgeDeployment {}/{}",
-            ed.namespace().unwrap_or_default(),
-            ed.name_any()
-        ),
-        profiles: &verdict.profiles,
-    };
-    for record in audit::records(notices, &actor) {
-        record.emit();
-    }
+    let on_behalf_of = audit::spec_manager(&ed.metadata);
+    audit::emit_for(&base.instance, on_behalf_of, ed, verdict, notices);
 }
 
 pub fn error_policy(ed: Arc<EdgeDeployment>, error: &Error, ctx: Arc<EdgeContext>) -> Action {

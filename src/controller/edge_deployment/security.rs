@@ -179,7 +179,7 @@ pub fn key_secret(ed: &EdgeDeployment, data: BTreeMap<String, ByteString>, owned
             name: Some(secret_name(ed)),
             namespace: ed.namespace(),
             labels: Some(BTreeMap::from([
-                (super::workload::NAME_LABEL.to_owned(), ed.name_any()),
+                (super::names::NAME_LABEL.to_owned(), ed.name_any()),
                 (
                     "app.kubernetes.io/managed-by".to_owned(),
                     "kasmina".to_owned(),

@@ -17,38 +17,15 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 
+pub use super::names::{
+    COMPONENT_LABEL, HASH_ANNOTATION, NAME_LABEL, REVISION_LABEL, RUNTIME_COMPONENT, RUNTIME_PORT,
+    SERVICE_PORT, deployment_name, fnv1a64, job_name, rev8, runtime_selector,
+};
 use super::security::{self, Security};
 use crate::api::edge_deployment::{
     ArtifactStatus, DeviceProfile, EdgeDeployment, PruningMethod, Quantization,
 };
 use crate::controller::compliance_profile::rules::REGION_LABEL;
-
-/// Label on every child and runtime pod: the EdgeDeployment's name.
-pub const NAME_LABEL: &str = "kasmina.dev/edge-deployment";
-/// Label with the revision hash on build Jobs, runtime Deployments and their pods.
-pub const REVISION_LABEL: &str = "kasmina.dev/revision";
-/// `build` or `runtime`.
-pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
-/// The component of the serving pods (build, retention and cleanup Jobs' pods are `build`,
-/// `retention`, `cleanup`).
-pub const RUNTIME_COMPONENT: &str = "runtime";
-
-/// The label selector of the runtime pods of `name` (of one revision, if given): the scale
-/// subresource, the Services, scrapes. Build and retention pods carry the name too.
-pub fn runtime_selector(name: &str, revision: Option<&str>) -> String {
-    match revision {
-        Some(rev) => format!(
-            "{NAME_LABEL}={name},{COMPONENT_LABEL}={RUNTIME_COMPONENT},{REVISION_LABEL}={rev}"
-        ),
-        None => format!("{NAME_LABEL}={name},{COMPONENT_LABEL}={RUNTIME_COMPONENT}"),
-    }
-}
-/// Hash of the object as Kasmina last applied it; equal hash, no write.
-pub const HASH_ANNOTATION: &str = "kasmina.dev/applied-hash";
-/// The runtime's HTTP port (OIP, health, /metrics).
-pub const RUNTIME_PORT: i32 = 8080;
-/// The port the Services expose.
-pub const SERVICE_PORT: i32 = 80;
 
 /// How the operator's children are made: the image and where artifacts live.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,19 +75,6 @@ impl Settings {
              nodes (allowed: {list}; the chart's value `hostPaths` adds folders)"
         ))
     }
-}
-
-/// Short revision used in object names.
-pub fn rev8(revision: &str) -> &str {
-    &revision[..revision.len().min(8)]
-}
-
-pub fn deployment_name(ed: &EdgeDeployment, revision: &str) -> String {
-    format!("{}-{}", ed.name_any(), rev8(revision))
-}
-
-pub fn job_name(ed: &EdgeDeployment, revision: &str) -> String {
-    format!("{}-build-{}", ed.name_any(), rev8(revision))
 }
 
 /// Where the artifact of `revision` is stored.
@@ -173,7 +137,7 @@ fn meta(ed: &EdgeDeployment, name: String, labels: BTreeMap<String, String>) -> 
 pub fn stamp<K: Resource + Serialize>(mut object: K) -> K {
     let hash = format!(
         "{:016x}",
-        super::plan::fnv1a64(&serde_json::to_vec(&object).unwrap_or_default())
+        fnv1a64(&serde_json::to_vec(&object).unwrap_or_default())
     );
     object
         .annotations_mut()
@@ -336,7 +300,7 @@ pub fn build_job(
 /// the history limit), with the store's credentials. Named by the set, so planning it twice
 /// creates it once.
 pub fn retention_job(settings: &Settings, ed: &EdgeDeployment, uris: &[String]) -> Job {
-    let hash = super::plan::fnv1a64(uris.join("\n").as_bytes());
+    let hash = fnv1a64(uris.join("\n").as_bytes());
     let name = format!("{}-retention-{:08x}", ed.name_any(), hash as u32);
     delete_artifacts_job(settings, ed, name, "retention", uris)
 }
@@ -492,7 +456,7 @@ pub fn runtime_deployment(
         // Endpoints take a few seconds to drop a terminating pod: keep serving meanwhile.
         "--drain-delay".into(),
         "5s".into(),
-        // Why an artifact was refused, for the rollout's abort reason (see plan::refusal).
+        // Why an artifact was refused, for the rollout's abort reason (see build::refusal).
         "--termination-log".into(),
         "/dev/termination-log".into(),
     ];
@@ -532,7 +496,7 @@ pub fn runtime_deployment(
                         resources: template.resources.clone(),
                         env_from: env_from(settings.artifact_store_secret.clone()),
                         volume_mounts: non_empty(mounts),
-                        // A refusal's reason becomes the termination message (see plan::refusal).
+                        // A refusal's reason becomes the termination message (see build::refusal).
                         termination_message_policy: Some("FallbackToLogsOnError".into()),
                         ..Container::default()
                     }],

@@ -13,9 +13,9 @@ use kube::{Api, ResourceExt};
 use serde::Deserialize;
 
 use super::hpa::PodSample;
+use crate::api::quantity::parse as quantity;
 use crate::api::scaling_policy::{MetricSpec, MetricType};
 use crate::controller::edge_deployment::analysis::{Snapshot, quantile};
-use crate::controller::edge_deployment::plan::quantity;
 use crate::controller::edge_deployment::scrape;
 use crate::controller::edge_deployment::workload::REVISION_LABEL;
 use crate::telemetry::error_chain;

@@ -23,7 +23,7 @@ use crate::api::scaling_policy::{
 };
 use crate::api::{EdgeDeployment, ScalingPolicy, ScalingPolicySpec, ScalingPolicyStatus};
 use crate::controller::context::Notice;
-use crate::controller::edge_deployment::plan::traffic_pods;
+use crate::controller::edge_deployment::replicas::traffic_pods;
 use crate::controller::status::condition as cond;
 
 pub const ABLE_TO_SCALE: &str = "AbleToScale";
@@ -722,7 +722,7 @@ fn round(v: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::api::edge_deployment::RolloutState;
-    use crate::controller::edge_deployment::plan::replicas_for;
+    use crate::controller::edge_deployment::replicas::replicas_for;
     use hpa::PodSample;
     use serde_json::json;
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, controller, watcher};
 use kube::{Api, ResourceExt};
 
 use crate::api::{EdgeDeployment, ScalingPolicy};
@@ -19,6 +19,7 @@ use reconcile::ScalingContext;
 /// Runs the controller until `shutdown` resolves, letting running reconciles finish.
 pub async fn run(
     ctx: Arc<ScalingContext>,
+    config: controller::Config,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let policies: Api<ScalingPolicy> = Api::all(ctx.base.client.clone());
@@ -26,6 +27,7 @@ pub async fn run(
     let controller = Controller::new(policies, watcher::Config::default().any_semantic());
     let store = controller.store();
     controller
+        .with_config(config)
         // A target appearing, vanishing or changing re-evaluates the policies that name it.
         .watches(
             targets,

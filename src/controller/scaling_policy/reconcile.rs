@@ -15,11 +15,11 @@ use super::collect::{self, Collected, Reading};
 use super::decide::{Memory, decide};
 use crate::api::scaling_policy::MetricType;
 use crate::api::{EdgeDeployment, ScalingPolicy};
+use crate::controller::audit;
 use crate::controller::context::{Backoff, Context, FIELD_MANAGER, Notice};
-use crate::controller::edge_deployment::plan::traffic_revisions;
+use crate::controller::edge_deployment::replicas::traffic_revisions;
 use crate::controller::edge_deployment::workload::{RUNTIME_PORT, runtime_selector};
 use crate::controller::status::apply_status;
-use crate::controller::{audit, compliance_profile};
 use crate::telemetry::error_chain;
 
 pub const CONTROLLER: &str = "scalingpolicy";
@@ -214,33 +214,17 @@ pub async fn reconcile(
     base.publish(&policy.object_ref(&()), &decision.notices)
         .await;
     if let (Some(ed), Some(_)) = (&target, decision.scale) {
-        audit_scale(base, &key, ed, &decision.notices).await;
+        audit_scale(base, &key, ed, &decision.notices);
     }
     ctx.remember(key, Some(decision.memory));
     Ok(Action::requeue(Duration::from_secs(interval as u64)))
 }
 
 /// Audit records of a scale, when a ComplianceProfile selecting the target asks for them.
-/// The scale is done by now, so a failure to read the profiles is logged, not returned.
-async fn audit_scale(base: &Context, policy: &str, ed: &EdgeDeployment, notices: &[Notice]) {
-    let ns = ed.namespace().unwrap_or_default();
-    match compliance_profile::verdict_for(&base.client, ed, &ns).await {
-        Ok(verdict) if verdict.rules.audit_logging == Some(true) => {
-            let actor = audit::Actor {
-                who: &base.instance,
-                on_behalf_of: Some(format!("ScalingPolicy {policy}")),
-                what: format!("EdgeDeployment {ns}/{}", ed.name_any()),
-                profiles: &verdict.profiles,
-            };
-            for record in audit::records(notices, &actor) {
-                record.emit();
-            }
-        }
-        Ok(_) => {}
-        Err(error) => {
-            tracing::warn!(%error, "reading ComplianceProfiles for the audit record of a scale")
-        }
-    }
+fn audit_scale(base: &Context, policy: &str, ed: &EdgeDeployment, notices: &[Notice]) {
+    let verdict = base.policies.verdict(ed);
+    let on_behalf_of = Some(format!("ScalingPolicy {policy}"));
+    audit::emit_for(&base.instance, on_behalf_of, ed, &verdict, notices);
 }
 
 /// This interval's readings: the traffic-taking pods scraped, resource metrics and Prometheus

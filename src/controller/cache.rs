@@ -1,0 +1,241 @@
+//! Views of the cluster kept current by one watch each, which reconciles read instead of
+//! listing: an operator that LISTs per reconcile costs the API server in proportion to its
+//! objects times their requeues, and a cache costs one watch.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{ComplianceProfile, EdgeDeployment};
+use crate::controller::compliance_profile::rules::{self, NamespaceLabels, Verdict};
+
+/// Tells that a cache changed, not what: enough for a consumer that re-evaluates everything
+/// (the ComplianceProfile controller), and a slow consumer never holds the watch back.
+#[derive(Clone)]
+pub struct Changes(tokio::sync::watch::Receiver<()>);
+
+impl Changes {
+    /// The sending end (call `send_replace(())` on every change) and the receiving one.
+    pub fn channel() -> (tokio::sync::watch::Sender<()>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(());
+        (tx, Self(rx))
+    }
+
+    /// One item after each change (changes in between coalesce); ends with the sender.
+    pub fn stream(self) -> impl futures::Stream<Item = ()> + Send + 'static {
+        futures::stream::unfold(self.0, |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some(((), rx))
+        })
+    }
+}
+
+/// The ComplianceProfiles and the namespaces' labels: what admission and the controllers
+/// judge an EdgeDeployment by. One per process, shared by the webhook and the controllers.
+#[derive(Clone)]
+pub struct Policies {
+    pub profiles: Store<ComplianceProfile>,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// A namespace appeared, went or changed its labels.
+    pub namespace_changes: Changes,
+}
+
+impl Policies {
+    /// Starts the two watches (namespaces metadata only), until `stop`.
+    pub fn watch(client: &Client, stop: CancellationToken) -> Self {
+        let (profiles, profiles_writer) = reflector::store();
+        let (namespaces, namespaces_writer) = reflector::store();
+        let watch_profiles = watcher(
+            Api::<ComplianceProfile>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(profiles_writer)
+        .for_each(|_| async {});
+        let (changed, namespace_changes) = Changes::channel();
+        let watch_namespaces = watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(namespaces_writer)
+        .for_each(move |_| {
+            changed.send_replace(());
+            async {}
+        });
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = futures::future::join(watch_profiles, watch_namespaces) => {},
+                () = stop.cancelled() => {},
+            }
+        });
+        Self {
+            profiles,
+            namespaces,
+            namespace_changes,
+        }
+    }
+
+    /// Fixed contents, synced (tests, and a process without a cluster).
+    pub fn of(
+        profiles: Vec<ComplianceProfile>,
+        namespaces: Vec<PartialObjectMeta<Namespace>>,
+    ) -> Self {
+        Self {
+            profiles: filled(profiles),
+            namespaces: filled(namespaces),
+            namespace_changes: Changes::channel().1,
+        }
+    }
+
+    /// Resolves once both caches hold a full list (an empty cache allows what an Enforce
+    /// profile denies); fails when their watches ended first.
+    pub async fn synced(&self) -> Result<(), reflector::store::WriterDropped> {
+        futures::future::try_join(
+            self.profiles.wait_until_ready(),
+            self.namespaces.wait_until_ready(),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// How the profiles selecting `ed` judge it: the strictest rules the workload carries
+    /// out and the profiles' names.
+    pub fn verdict(&self, ed: &EdgeDeployment) -> Verdict {
+        let profiles = self.profiles.state();
+        let mut namespaces = NamespaceLabels::new();
+        if let Some(ns) = ed.namespace()
+            && let Some(meta) = self.namespaces.get(&ObjectRef::new(&ns))
+        {
+            namespaces.insert(ns, meta.labels().clone());
+        }
+        rules::judge(profiles.iter().map(AsRef::as_ref), ed, &namespaces)
+    }
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Self::of(vec![], vec![])
+    }
+}
+
+/// A synced store holding exactly `objects`.
+pub fn filled<K>(objects: Vec<K>) -> Store<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    let mut writer = reflector::store::Writer::default();
+    refill(&mut writer, objects);
+    writer.as_reader()
+}
+
+/// Replaces what `writer`'s store holds with `objects`, as a watch's re-list does.
+pub fn refill<K>(writer: &mut reflector::store::Writer<K>, objects: Vec<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for object in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(object));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+}
+
+/// The objects of a store in namespace `ns` labelled `label=value` and controlled by the
+/// object with `uid`.
+pub fn controlled<K>(store: &Store<K>, ns: &str, label: (&str, &str), uid: &str) -> Vec<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (key, value) = label;
+    store
+        .state()
+        .iter()
+        .filter(|k| {
+            k.meta().namespace.as_deref() == Some(ns)
+                && k.labels().get(key).map(String::as_str) == Some(value)
+                && k.owner_references()
+                    .iter()
+                    .any(|o| o.uid == uid && o.controller == Some(true))
+        })
+        .map(|k| K::clone(k))
+        .collect()
+}
+
+/// Drops what no reconcile reads and costs most memory: the managed fields.
+pub fn slim<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
+/// One object by namespace and name from a store.
+pub fn get<K>(store: &Store<K>, ns: &str, name: &str) -> Option<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store.get(&ObjectRef::new(name).within(ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+    fn service(ns: &str, name: &str, label: &str, owner: &str, controller: bool) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                labels: Some([("kasmina.dev/name".to_owned(), label.to_owned())].into()),
+                owner_references: Some(vec![OwnerReference {
+                    uid: owner.into(),
+                    controller: Some(controller),
+                    ..OwnerReference::default()
+                }]),
+                ..ObjectMeta::default()
+            },
+            ..Service::default()
+        }
+    }
+
+    #[test]
+    fn only_the_owners_children_in_its_namespace_are_its_own() {
+        let store = filled(vec![
+            service("ml", "a", "a", "uid-a", true),
+            service("ml", "a-canary", "a", "uid-a", true),
+            service("other", "a", "a", "uid-a", true),
+            service("ml", "b", "b", "uid-b", true),
+            service("ml", "a-hand-made", "a", "uid-a", false),
+        ]);
+        let mut names: Vec<String> = controlled(&store, "ml", ("kasmina.dev/name", "a"), "uid-a")
+            .iter()
+            .map(|s| s.name_any())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "a-canary"]);
+        assert!(get(&store, "other", "a").is_some());
+        assert!(get(&store, "other", "b").is_none());
+    }
+
+    #[test]
+    fn a_refill_replaces_what_was_held() {
+        let mut writer = reflector::store::Writer::default();
+        refill(&mut writer, vec![service("ml", "a", "a", "u", true)]);
+        refill(&mut writer, vec![service("ml", "b", "b", "u", true)]);
+        let names: Vec<String> = writer
+            .as_reader()
+            .state()
+            .iter()
+            .map(|s| s.name_any())
+            .collect();
+        assert_eq!(names, ["b"]);
+    }
+}
