@@ -219,11 +219,7 @@ impl Cluster {
         let metrics = Arc::new(Metrics::register(&mut Registry::default()));
         let clock = Arc::new(FixedClock(Timestamp::from_second(now).unwrap()));
         let (profiles, profiles_writer) = reflector::store();
-        let policies = Policies {
-            profiles,
-            namespaces: filled(vec![]),
-            namespace_changes: Changes::channel().1,
-        };
+        let policies = Policies::from_stores(profiles, filled(vec![]), Changes::channel().1);
         let base = Arc::new(
             Context::new(client, metrics, clock, Some("test".into())).with_policies(policies),
         );

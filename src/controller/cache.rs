@@ -44,7 +44,14 @@ pub struct Policies {
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// A namespace appeared, went or changed its labels.
     pub namespace_changes: Changes,
+    /// True once both caches hold a full list.
+    synced: tokio::sync::watch::Receiver<bool>,
 }
+
+/// The watches behind the caches ended before they held a full list.
+#[derive(Debug, thiserror::Error)]
+#[error("the profile and namespace watches ended before their caches synced")]
+pub struct NeverSynced;
 
 impl Policies {
     /// Starts the two watches (namespaces metadata only), until `stop`.
@@ -75,10 +82,30 @@ impl Policies {
                 () = stop.cancelled() => {},
             }
         });
+        Self::from_stores(profiles, namespaces, namespace_changes)
+    }
+
+    /// Caches filled elsewhere. One task waits for them to sync and tells every `synced()`:
+    /// a store's own `wait_until_ready` wakes only the last of several concurrent waiters
+    /// (found on a real cluster: the webhook of a replica whose controllers started first
+    /// never became ready).
+    pub fn from_stores(
+        profiles: Store<ComplianceProfile>,
+        namespaces: Store<PartialObjectMeta<Namespace>>,
+        namespace_changes: Changes,
+    ) -> Self {
+        let (ready, synced) = tokio::sync::watch::channel(false);
+        let (p, n) = (profiles.clone(), namespaces.clone());
+        tokio::spawn(async move {
+            if p.wait_until_ready().await.is_ok() && n.wait_until_ready().await.is_ok() {
+                let _ = ready.send(true);
+            }
+        });
         Self {
             profiles,
             namespaces,
             namespace_changes,
+            synced,
         }
     }
 
@@ -91,18 +118,19 @@ impl Policies {
             profiles: filled(profiles),
             namespaces: filled(namespaces),
             namespace_changes: Changes::channel().1,
+            synced: tokio::sync::watch::channel(true).1,
         }
     }
 
     /// Resolves once both caches hold a full list (an empty cache allows what an Enforce
     /// profile denies); fails when their watches ended first.
-    pub async fn synced(&self) -> Result<(), reflector::store::WriterDropped> {
-        futures::future::try_join(
-            self.profiles.wait_until_ready(),
-            self.namespaces.wait_until_ready(),
-        )
-        .await
-        .map(|_| ())
+    pub async fn synced(&self) -> Result<(), NeverSynced> {
+        let mut synced = self.synced.clone();
+        synced
+            .wait_for(|synced| *synced)
+            .await
+            .map(|_| ())
+            .map_err(|_| NeverSynced)
     }
 
     /// How the profiles selecting `ed` judge it: the strictest rules the workload carries
@@ -223,6 +251,28 @@ mod tests {
         assert_eq!(names, ["a", "a-canary"]);
         assert!(get(&store, "other", "a").is_some());
         assert!(get(&store, "other", "b").is_none());
+    }
+
+    /// Found on the real control plane: the webhook and the controllers both waited for the
+    /// caches, and only the controllers were ever woken.
+    #[tokio::test]
+    async fn every_waiter_learns_that_the_caches_synced() {
+        let (profiles, mut profiles_writer) = reflector::store();
+        let (namespaces, mut namespaces_writer) = reflector::store();
+        let policies = Policies::from_stores(profiles, namespaces, Changes::channel().1);
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let p = policies.clone();
+                tokio::spawn(async move { p.synced().await.is_ok() })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        refill(&mut profiles_writer, vec![]);
+        refill(&mut namespaces_writer, vec![]);
+        for waiter in waiters {
+            let woke = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await;
+            assert!(matches!(woke, Ok(Ok(true))), "a waiter was never woken");
+        }
     }
 
     #[test]
