@@ -70,9 +70,9 @@ image:
     cargo build --release --bins
     scripts/image.sh
 
-# `kasmina --version`, then `kasmina serve` answering its health check and an infer, inside the image
+# Inside the image: `kasmina --version`, `kasmina serve` answering its health check and an infer, a build into a root-owned file:// store after `kasmina own-store`
 image-check: image demo-build
-    scripts/image-check.sh target/artifacts/minilm-256
+    scripts/image-check.sh target/artifacts/minilm-256 "{{model_dir}}"
 
 # Benchmarks (criterion); figures go to docs/benchmarks.md
 bench:

@@ -206,7 +206,8 @@ fn full_plan_cost() {
     use k8s_openapi::jiff::Timestamp;
     use kasmina::api::EdgeDeployment;
     use kasmina::api::edge_deployment::{ArtifactStatus, RevisionRecord, RolloutState};
-    use kasmina::controller::edge_deployment::plan::{self, Observed};
+    use kasmina::controller::edge_deployment::observed::Observed;
+    use kasmina::controller::edge_deployment::plan;
     use kasmina::controller::edge_deployment::workload::Settings;
 
     let settings = Settings {

@@ -95,6 +95,18 @@ enum Command {
         uris: Vec<String>,
     },
 
+    /// Give a `file://` artifact store's folders (not what is in them) to the image's user:
+    /// what the build, retention and cleanup Jobs' init container runs, as root with only
+    /// CAP_CHOWN, because the kubelet makes a hostPath folder root's.
+    OwnStore {
+        /// The new owner, UID:GID.
+        #[arg(long, default_value = "65532:65532", value_parser = kasmina::artifact::ownership::parse_owner)]
+        owner: (u32, u32),
+        /// Folders; missing ones are skipped.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+
     /// Check Kasmina manifests offline with the rules the controller applies: unknown fields,
     /// types and semantic validation, each problem naming its field.
     Validate {
@@ -116,6 +128,7 @@ fn main() -> ExitCode {
         Command::Keygen { out, encryption } => keygen(&out, encryption),
         Command::Serve(options) => serve(*options),
         Command::DeleteArtifacts { uris } => delete_artifacts(&uris),
+        Command::OwnStore { owner, paths } => own_store(&paths, owner),
         Command::Token {
             key,
             audience,
@@ -420,6 +433,14 @@ fn delete_artifacts(uris: &[String]) -> Result<ExitCode, String> {
         }
         Ok::<(), kasmina::artifact::Error>(())
     })
+}
+
+fn own_store(paths: &[PathBuf], (uid, gid): (u32, u32)) -> Result<ExitCode, String> {
+    let changed = kasmina::artifact::ownership::own(paths, uid, gid).map_err(|e| e.to_string())?;
+    for path in changed {
+        println!("{}: now {uid}:{gid}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn token(key: &std::path::Path, request: &runtime::auth::TokenRequest) -> Result<ExitCode, String> {

@@ -7,7 +7,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 
 use crate::api::condition::ConditionStatus;
 use crate::api::edge_deployment::{CanaryStep, EdgeDeployment, StrategyType};
-use crate::controller::edge_deployment::workload::REVISION_LABEL;
+use crate::controller::edge_deployment::names::REVISION_LABEL;
 
 /// The merge patch that asks the controller for `verb`; `token` makes each request distinct
 /// (the controller acts on a given token once).

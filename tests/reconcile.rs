@@ -191,6 +191,7 @@ fn compliance_context(
     p_writer.apply_watcher_event(&Event::InitDone);
     Arc::new(ComplianceContext {
         ctx,
+        synced: kasmina::controller::cache::Synced::store(store.clone()),
         deployments: store,
         namespaces,
         profiles: profile_store,

@@ -315,6 +315,7 @@ fn malformed_reviews_are_errors_not_panics() {
 mod tls {
     use std::sync::Arc;
 
+    use kasmina::controller::cache::{Changes, Policies};
     use kasmina::controller::compliance_profile::certs::{plan, service_names};
     use kasmina::controller::compliance_profile::serve::{
         Admission, Reloadable, TlsListener, router, tls_config,
@@ -386,8 +387,7 @@ mod tls {
             .body(axum::body::Body::from(vec![b' '; MAX_BODY_BYTES + 1]))
             .unwrap();
         let response = router(Admission {
-            profiles,
-            namespaces,
+            policies: Policies::from_stores(profiles, namespaces, Changes::channel().1),
             events: None,
         })
         .oneshot(request)
@@ -412,8 +412,7 @@ mod tls {
         let (profiles, mut writer) = reflector::store::<kasmina::api::ComplianceProfile>();
         let (namespaces, ns_writer) = reflector::store();
         let app = router(Admission {
-            profiles,
-            namespaces,
+            policies: Policies::from_stores(profiles, namespaces, Changes::channel().1),
             events: None,
         });
         let ask = |body: Vec<u8>| {
@@ -518,8 +517,7 @@ mod tls {
             axum::serve(
                 listener,
                 router(Admission {
-                    profiles,
-                    namespaces,
+                    policies: Policies::from_stores(profiles, namespaces, Changes::channel().1),
                     events: None,
                 }),
             )

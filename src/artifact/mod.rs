@@ -4,6 +4,7 @@
 
 pub mod gguf;
 pub mod manifest;
+pub mod ownership;
 pub mod plan;
 pub mod prune;
 pub mod quality;

@@ -44,14 +44,58 @@ pub struct Policies {
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// A namespace appeared, went or changed its labels.
     pub namespace_changes: Changes,
-    /// True once both caches hold a full list.
-    synced: tokio::sync::watch::Receiver<bool>,
+    /// Both caches hold a full list.
+    synced: Synced,
 }
 
-/// The watches behind the caches ended before they held a full list.
+/// The watch behind a cache ended before the cache held a full list.
 #[derive(Debug, thiserror::Error)]
-#[error("the profile and namespace watches ended before their caches synced")]
+#[error("a watch ended before its cache synced")]
 pub struct NeverSynced;
+
+/// Tells every waiter that caches hold a full list. One task awaits the stores and tells all:
+/// a store's own `wait_until_ready` wakes only the last of several concurrent waiters (found
+/// on a real cluster: the webhook of a replica whose controllers started first never became
+/// ready).
+#[derive(Clone)]
+pub struct Synced(tokio::sync::watch::Receiver<bool>);
+
+impl Synced {
+    /// Synced once `ready` resolves to true; never, when it resolves to false.
+    pub fn after(ready: impl Future<Output = bool> + Send + 'static) -> Self {
+        let (tell, synced) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            if ready.await {
+                let _ = tell.send(true);
+            }
+        });
+        Self(synced)
+    }
+
+    /// Synced once `store` holds a full list.
+    pub fn store<K>(store: Store<K>) -> Self
+    where
+        K: Resource + Clone + Send + Sync + 'static,
+        K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+    {
+        Self::after(async move { store.wait_until_ready().await.is_ok() })
+    }
+
+    /// Synced already (fixed contents).
+    pub fn now() -> Self {
+        Self(tokio::sync::watch::channel(true).1)
+    }
+
+    /// Resolves once synced; fails when the watches ended first.
+    pub async fn wait(&self) -> Result<(), NeverSynced> {
+        let mut synced = self.0.clone();
+        synced
+            .wait_for(|synced| *synced)
+            .await
+            .map(|_| ())
+            .map_err(|_| NeverSynced)
+    }
+}
 
 impl Policies {
     /// Starts the two watches (namespaces metadata only), until `stop`.
@@ -85,21 +129,15 @@ impl Policies {
         Self::from_stores(profiles, namespaces, namespace_changes)
     }
 
-    /// Caches filled elsewhere. One task waits for them to sync and tells every `synced()`:
-    /// a store's own `wait_until_ready` wakes only the last of several concurrent waiters
-    /// (found on a real cluster: the webhook of a replica whose controllers started first
-    /// never became ready).
+    /// Caches filled elsewhere; `synced()` tells every waiter once both hold a full list.
     pub fn from_stores(
         profiles: Store<ComplianceProfile>,
         namespaces: Store<PartialObjectMeta<Namespace>>,
         namespace_changes: Changes,
     ) -> Self {
-        let (ready, synced) = tokio::sync::watch::channel(false);
         let (p, n) = (profiles.clone(), namespaces.clone());
-        tokio::spawn(async move {
-            if p.wait_until_ready().await.is_ok() && n.wait_until_ready().await.is_ok() {
-                let _ = ready.send(true);
-            }
+        let synced = Synced::after(async move {
+            p.wait_until_ready().await.is_ok() && n.wait_until_ready().await.is_ok()
         });
         Self {
             profiles,
@@ -118,19 +156,14 @@ impl Policies {
             profiles: filled(profiles),
             namespaces: filled(namespaces),
             namespace_changes: Changes::channel().1,
-            synced: tokio::sync::watch::channel(true).1,
+            synced: Synced::now(),
         }
     }
 
     /// Resolves once both caches hold a full list (an empty cache allows what an Enforce
     /// profile denies); fails when their watches ended first.
     pub async fn synced(&self) -> Result<(), NeverSynced> {
-        let mut synced = self.synced.clone();
-        synced
-            .wait_for(|synced| *synced)
-            .await
-            .map(|_| ())
-            .map_err(|_| NeverSynced)
+        self.synced.wait().await
     }
 
     /// How the profiles selecting `ed` judge it: the strictest rules the workload carries
@@ -269,6 +302,27 @@ mod tests {
         tokio::task::yield_now().await;
         refill(&mut profiles_writer, vec![]);
         refill(&mut namespaces_writer, vec![]);
+        for waiter in waiters {
+            let woke = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await;
+            assert!(matches!(woke, Ok(Ok(true))), "a waiter was never woken");
+        }
+    }
+
+    /// Found in review: ComplianceProfile reconciles awaited the EdgeDeployment cache's own
+    /// `wait_until_ready`, so of several profiles reconciled before it synced all but one
+    /// would wait for good, each holding a reconcile slot.
+    #[tokio::test]
+    async fn every_reconcile_waiting_for_a_store_learns_that_it_synced() {
+        let (store, mut writer) = reflector::store::<Service>();
+        let synced = Synced::store(store);
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let s = synced.clone();
+                tokio::spawn(async move { s.wait().await.is_ok() })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        refill(&mut writer, vec![]);
         for waiter in waiters {
             let woke = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await;
             assert!(matches!(woke, Ok(Ok(true))), "a waiter was never woken");

@@ -81,19 +81,6 @@ impl Backoff {
             failures.remove(key);
         }
     }
-
-    /// Runs one reconcile of `key`; a success forgets its failures.
-    pub async fn reset_on_success<T, E>(
-        &self,
-        key: String,
-        reconcile: impl std::future::Future<Output = Result<T, E>>,
-    ) -> Result<T, E> {
-        let result = reconcile.await;
-        if result.is_ok() {
-            self.succeeded(&key);
-        }
-        result
-    }
 }
 
 /// A clock that moves only when told (tests and simulations).

@@ -9,6 +9,7 @@ pub mod context;
 pub mod edge_deployment;
 pub mod http;
 pub mod leader;
+pub mod scaffold;
 pub mod scaling_policy;
 pub mod shutdown;
 pub mod status;
@@ -573,6 +574,7 @@ async fn run_controllers(
     // ComplianceProfile controller reads it.
     let (deployments, writer) = kube::runtime::reflector::store();
     let (changed, changes) = cache::Changes::channel();
+    let deployments_synced = cache::Synced::store(deployments.clone());
     let shared = edge_deployment::Shared { writer, changed };
     let all = async {
         tokio::join!(
@@ -596,6 +598,7 @@ async fn run_controllers(
                 config.clone(),
                 deployments,
                 changes,
+                deployments_synced,
                 stop.clone().cancelled_owned()
             ),
         )
@@ -620,7 +623,7 @@ fn process_identity(base: Option<&str>, started: std::time::SystemTime, pid: u32
     let nanos = started
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let suffix = edge_deployment::plan::fnv1a64(format!("{pid}/{nanos}").as_bytes());
+    let suffix = edge_deployment::names::fnv1a64(format!("{pid}/{nanos}").as_bytes());
     format!("{base}_{:08x}", suffix as u32)
 }
 

@@ -10,24 +10,25 @@ pub mod webhook;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use kube::Api;
 use kube::runtime::reflector::Store;
 use kube::runtime::{Controller, controller, watcher};
 
-use super::cache::Changes;
+use super::cache::{Changes, Synced};
 use super::context::Context;
 use crate::api::{ComplianceProfile, EdgeDeployment};
 use reconcile::ComplianceContext;
 
 /// Runs the controller until `shutdown` resolves, letting running reconciles finish.
-/// `deployments` is the EdgeDeployment controller's cache and `changes` tells when it
-/// changed: one watch of EdgeDeployments serves both controllers.
+/// `deployments` is the EdgeDeployment controller's cache, `changes` tells when it changed
+/// and `synced` when it first held a full list: one watch of EdgeDeployments serves both
+/// controllers.
 pub async fn run(
     ctx: Arc<Context>,
     config: controller::Config,
     deployments: Store<EdgeDeployment>,
     changes: Changes,
+    synced: Synced,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
@@ -45,18 +46,13 @@ pub async fn run(
     let cc = Arc::new(ComplianceContext {
         ctx,
         deployments,
+        synced,
         namespaces,
         profiles: controller.store(),
     });
-    controller
+    let controller = controller
         .with_config(config.debounce(Duration::from_secs(1)))
         .reconcile_all_on(any_change)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile::reconcile_and_reset, reconcile::error_policy, cc)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "ComplianceProfile controller event");
-            }
-        })
-        .await;
+        .graceful_shutdown_on(shutdown);
+    super::scaffold::run(controller, reconcile::CONTROLLER, cc, reconcile::reconcile).await;
 }

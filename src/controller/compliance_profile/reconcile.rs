@@ -16,8 +16,9 @@ use super::rules::{
     COMPLIANT, ENFORCED_VIOLATION, compliant_condition, evaluate, judge, namespace_labels,
 };
 use crate::api::{ComplianceProfile, EdgeDeployment, condition};
-use crate::controller::context::{Backoff, Context, Notice};
-use crate::controller::status::apply_status;
+use crate::controller::cache::Synced;
+use crate::controller::context::{Context, Notice};
+use crate::controller::scaffold::{self, ErrorKind};
 
 pub const CONTROLLER: &str = "complianceprofile";
 /// The Compliant condition is applied under its own field manager, so server-side apply
@@ -28,6 +29,9 @@ pub const FIELD_MANAGER: &str = "kasmina-compliance";
 pub struct ComplianceContext {
     pub ctx: Arc<Context>,
     pub deployments: Store<EdgeDeployment>,
+    /// The EdgeDeployment cache held a full list (the namespace cache did before the
+    /// controllers started).
+    pub synced: Synced,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub profiles: Store<ComplianceProfile>,
 }
@@ -54,9 +58,8 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn kind(&self) -> &'static str {
+impl ErrorKind for Error {
+    fn kind(&self) -> &'static str {
         match self {
             Error::CacheNotReady => "cache_not_ready",
             Error::WriteStatus { .. } => "write_status",
@@ -78,16 +81,8 @@ pub async fn reconcile(
     cc: Arc<ComplianceContext>,
 ) -> Result<Action, Error> {
     let ctx = &cc.ctx;
-    let _timer = ctx.metrics.reconcile_started(CONTROLLER);
     // Counting against a half-filled cache would publish a wrong number.
-    cc.deployments
-        .wait_until_ready()
-        .await
-        .map_err(|_| Error::CacheNotReady)?;
-    cc.namespaces
-        .wait_until_ready()
-        .await
-        .map_err(|_| Error::CacheNotReady)?;
+    cc.synced.wait().await.map_err(|_| Error::CacheNotReady)?;
     let api: Api<ComplianceProfile> = Api::all(ctx.client.clone());
     finalizer(&api, FINALIZER, profile, |event| async {
         match event {
@@ -113,14 +108,11 @@ async fn apply(profile: &ComplianceProfile, cc: &ComplianceContext) -> Result<Ac
         ctx.clock.now(),
     );
     let name = profile.name_any();
-    if profile.status.as_ref() != Some(&evaluation.status) {
-        let api: Api<ComplianceProfile> = Api::all(ctx.client.clone());
-        apply_status(&api, &name, &evaluation.status)
-            .await
-            .map_err(|source| Error::WriteStatus { name, source })?;
-    }
-    ctx.publish(&profile.object_ref(&()), &evaluation.notices)
-        .await;
+    let api: Api<ComplianceProfile> = Api::all(ctx.client.clone());
+    scaffold::write_status(&api, &name, profile.status.as_ref(), &evaluation.status)
+        .await
+        .map_err(|source| Error::WriteStatus { name, source })?;
+    scaffold::announce(ctx, profile, &evaluation.notices, None).await;
     update_deployments(cc, None, Some(profile)).await?;
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -176,7 +168,7 @@ async fn update_deployments(
                 "RulesMet" | "NotSelected" => Notice::normal("Compliant", "Evaluate", message),
                 _ => Notice::warning("ComplianceViolationRecorded", "Evaluate", message),
             };
-            ctx.publish(&ed.object_ref(&()), &[notice]).await;
+            scaffold::announce(ctx, ed.as_ref(), &[notice], None).await;
         }
     }
     Ok(())
@@ -208,23 +200,8 @@ async fn write_condition(
     Ok(())
 }
 
-pub fn error_policy(
-    profile: Arc<ComplianceProfile>,
-    error: &Error,
-    cc: Arc<ComplianceContext>,
-) -> Action {
-    cc.ctx
-        .retry_failed(CONTROLLER, profile.as_ref(), error, error.kind())
-}
-
-/// `reconcile`, and a success forgets the object's failures (its backoff starts over).
-pub async fn reconcile_and_reset(
-    profile: Arc<ComplianceProfile>,
-    cc: Arc<ComplianceContext>,
-) -> Result<Action, Error> {
-    let key = Backoff::key(profile.as_ref());
-    let base = cc.ctx.clone();
-    base.backoff
-        .reset_on_success(key, reconcile(profile, cc))
-        .await
+impl AsRef<Context> for ComplianceContext {
+    fn as_ref(&self) -> &Context {
+        &self.ctx
+    }
 }

@@ -13,11 +13,8 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
-use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::Store;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -153,8 +150,7 @@ impl axum::serve::Listener for TlsListener {
 /// What `/validate` reads: the profiles and namespace labels, kept current by watches.
 #[derive(Clone)]
 pub struct Admission {
-    pub profiles: Store<ComplianceProfile>,
-    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    pub policies: Policies,
     /// Publishes the Events of audited decisions (None: records are logged only).
     pub events: Option<Recorder>,
 }
@@ -176,17 +172,11 @@ async fn validate(
             return json_error(status, &message);
         }
     };
-    let synced = tokio::time::timeout(
-        CACHE_WAIT,
-        futures::future::try_join(
-            admission.profiles.wait_until_ready(),
-            admission.namespaces.wait_until_ready(),
-        ),
-    )
-    .await;
-    let profiles = admission.profiles.state();
+    let policies = &admission.policies;
+    let synced = tokio::time::timeout(CACHE_WAIT, policies.synced()).await;
+    let profiles = policies.profiles.state();
     let profiles: Vec<&ComplianceProfile> = profiles.iter().map(AsRef::as_ref).collect();
-    let namespaces = namespace_labels(&admission.namespaces.state());
+    let namespaces = namespace_labels(&policies.namespaces.state());
     let caches = match synced {
         Ok(Ok(_)) => Caches::Synced {
             profiles: &profiles,
@@ -249,12 +239,6 @@ pub async fn run(
     config: WebhookConfig,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let Policies {
-        profiles,
-        namespaces,
-        ..
-    } = config.policies.clone();
-
     let certificate = Arc::new(Reloadable::default());
     let clock = config.clock.clone();
     let now = move || clock.now().as_second();
@@ -322,8 +306,7 @@ pub async fn run(
     axum::serve(
         listener,
         router(Admission {
-            profiles,
-            namespaces,
+            policies: config.policies,
             events: Some(events),
         }),
     )

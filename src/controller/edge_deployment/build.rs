@@ -7,6 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
+use super::names;
 use super::observed::Observed;
 use super::workload::{self, Settings};
 use crate::api::edge_deployment::{
@@ -40,7 +41,7 @@ pub fn step(
     now: Timestamp,
 ) -> Build {
     let current = ed.status.clone().unwrap_or_default();
-    let job_name = workload::job_name(ed, target);
+    let job_name = names::job_name(ed, target);
     let live_job = seen.jobs.iter().find(|j| j.name_any() == job_name);
     let build = build_state(ed, &current, target, live_job, seen);
     match &build {

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
 use serde_json::Value;
 
-use super::names::REVISION_LABEL;
+use super::names::{self, REVISION_LABEL};
 use super::observed::Observed;
 use super::replicas::{gateway_route, replica_ratio, replicas_for};
 use super::rollout::State;
@@ -141,7 +141,7 @@ fn route_update(
         rule: routing.rule.as_deref(),
         stable_service: &name,
         canary_service: &canary,
-        port: workload::SERVICE_PORT,
+        port: names::SERVICE_PORT,
     };
     traffic::route_update(route, target, i32::from(weight))
 }

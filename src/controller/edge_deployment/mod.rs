@@ -73,7 +73,7 @@ pub async fn run(
     // Children wake their owner: a Job finishing, a Deployment becoming available, a Service
     // edited by hand (and put back). Jobs map by label, so the cleanup Job of a deleted
     // object (which it does not own) wakes it too.
-    let owned = workload::NAME_LABEL;
+    let owned = names::NAME_LABEL;
     let jobs = watch::children(&client, owned, writers.jobs, watch::slim_job);
     let deployments = watch::children(&client, owned, writers.deployments, watch::slim_deployment);
     let services = watch::children(&client, owned, writers.services, super::cache::slim);
@@ -82,29 +82,23 @@ pub async fn run(
     // next requeue; analysis reads their addresses from the cache.
     let runtime = format!(
         "{},{}={}",
-        workload::NAME_LABEL,
-        workload::COMPONENT_LABEL,
-        workload::RUNTIME_COMPONENT
+        names::NAME_LABEL,
+        names::COMPONENT_LABEL,
+        names::RUNTIME_COMPONENT
     );
     let pods = watch::children(&client, &runtime, writers.pods, watch::slim_pod);
-    Controller::for_stream(edge_deployments, eds)
+    let controller = Controller::for_stream(edge_deployments, eds)
         .with_config(config)
         .watches_stream(jobs, |job| by_name_label(&job))
         .owns_stream(deployments)
         .owns_stream(services)
         .watches_stream(pods, |pod| by_name_label(&pod))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile::reconcile_and_reset, reconcile::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "EdgeDeployment controller event");
-            }
-        })
-        .await;
+        .graceful_shutdown_on(shutdown);
+    super::scaffold::run(controller, reconcile::CONTROLLER, ctx, reconcile::reconcile).await;
 }
 
 /// The EdgeDeployment an object is labelled with, in its namespace.
 fn by_name_label<K: ResourceExt>(object: &K) -> Option<ObjectRef<EdgeDeployment>> {
-    let name = object.labels().get(workload::NAME_LABEL)?;
+    let name = object.labels().get(names::NAME_LABEL)?;
     Some(ObjectRef::new(name).within(&object.namespace()?))
 }

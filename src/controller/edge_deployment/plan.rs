@@ -21,7 +21,7 @@ use super::retention;
 use super::rollout::{self, Command, Outcome, Seconds, State, Strategy};
 use super::rollout_status::{from_state, to_state};
 use super::security::{self, Security};
-use super::workload::{self, Settings};
+use super::workload::Settings;
 use crate::api::condition::{self, ConditionStatus};
 use crate::api::edge_deployment::{
     AnalysisStatus, EdgeDeployment, EdgeDeploymentSpec, EdgeDeploymentStatus, Phase,
@@ -30,13 +30,13 @@ use crate::api::edge_deployment::{
 use crate::controller::context::Notice;
 use crate::controller::status::condition as cond;
 
-pub use super::names::{NAME_LABEL, fnv1a64};
-pub use super::observed::Observed;
+use super::names::{self, fnv1a64};
+use super::observed::Observed;
 
 use super::conditions::{self, OWN_CONDITIONS};
-pub use super::conditions::{ANALYSIS_PASSING, ARTIFACT_READY, PROGRESSING, READY};
+use super::conditions::{PROGRESSING, READY};
 /// Owned by the ComplianceProfile controller; read here, never written.
-pub use crate::controller::compliance_profile::rules::COMPLIANT;
+use crate::controller::compliance_profile::rules::COMPLIANT;
 use crate::controller::compliance_profile::rules::ENFORCED_VIOLATION;
 
 /// Annotations a user (or `kubectl kasmina`) sets to act on a rollout; consumed and removed.
@@ -288,7 +288,7 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
     let current = ed.status.clone().unwrap_or_default();
     let mut status = own_status(&current);
     status.observed_generation = generation;
-    status.selector = Some(workload::runtime_selector(&ed.name_any(), None));
+    status.selector = Some(names::runtime_selector(&ed.name_any(), None));
     let mut plan = Plan {
         requeue: Duration::from_secs(300),
         ..Plan::default()
@@ -312,7 +312,7 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
     status.target_revision = Some(target.clone());
 
     // 1. Build: the artifact of the target revision.
-    let job_name = workload::job_name(ed, &target);
+    let job_name = names::job_name(ed, &target);
     let live_job = seen.jobs.iter().find(|j| j.name_any() == job_name);
     let build = build::step(
         ed,
@@ -475,6 +475,7 @@ pub(crate) mod tests {
     use crate::api::edge_deployment::*;
     use crate::api::quantity::parse as quantity;
     use crate::controller::edge_deployment::build::smallest_node_profile;
+    use crate::controller::edge_deployment::conditions::{ANALYSIS_PASSING, ARTIFACT_READY};
     use crate::controller::edge_deployment::names::REVISION_LABEL;
     use crate::controller::edge_deployment::rollout::Measurement;
     use k8s_openapi::api::core::v1::Node;

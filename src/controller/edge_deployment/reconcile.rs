@@ -20,14 +20,16 @@ use serde_json::Value;
 use super::analysis;
 use super::build;
 use super::cleanup;
-use super::plan::{self, Observed, own_status};
+use super::names::{self, NAME_LABEL};
+use super::observed::Observed;
+use super::plan::{self, own_status};
 use super::scrape;
 use super::security::{self, Keys, Needs};
 use super::watch::{self, ChildCaches};
-use super::workload::{self, NAME_LABEL, Settings};
+use super::workload::Settings;
 use crate::api::EdgeDeployment;
-use crate::controller::compliance_profile::rules::Verdict;
-use crate::controller::context::{Backoff, Context, FIELD_MANAGER, Notice};
+use crate::controller::context::{Context, FIELD_MANAGER, Notice};
+use crate::controller::scaffold::{self, Audited, ErrorKind};
 use crate::controller::status::apply_status;
 use crate::controller::{audit, cache};
 
@@ -53,7 +55,7 @@ impl EdgeContext {
             base,
             settings,
             http: crate::controller::http::client(),
-            metrics_port: workload::RUNTIME_PORT as u16,
+            metrics_port: names::RUNTIME_PORT as u16,
             children,
         }
     }
@@ -74,15 +76,16 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn kind(&self) -> &'static str {
+impl ErrorKind for Error {
+    fn kind(&self) -> &'static str {
         match self {
             Error::MissingNamespace { .. } => "missing_namespace",
             Error::Api { verb, .. } => verb,
         }
     }
+}
 
+impl Error {
     /// The condition reason of a failure only a user can end: the server refused a write for
     /// RBAC, a quota, an admission policy or a field it will not take, so retrying alone
     /// changes nothing. None for what passes by itself (timeouts, conflicts, 5xx).
@@ -296,7 +299,6 @@ impl Children<'_> {
 
 pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result<Action, Error> {
     let base = &ctx.base;
-    let _timer = base.metrics.reconcile_started(CONTROLLER);
     let name = ed.name_any();
     let ns = ed
         .namespace()
@@ -361,7 +363,7 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
                             made.join(", ")
                         ),
                     );
-                    base.publish(&ed.object_ref(&()), &[note]).await;
+                    scaffold::announce(base, ed.as_ref(), &[note], None).await;
                 }
             }
             Err(error) => seen.keys_error = Some(error),
@@ -370,7 +372,7 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
     if ed.validate().is_ok() {
         let target = plan::revision(&ed.spec, &seen.security);
         if !status.revisions.iter().any(|r| r.name == target) {
-            let job_name = workload::job_name(&ed, &target);
+            let job_name = names::job_name(&ed, &target);
             match seen.jobs.iter().find(|j| j.name_any() == job_name) {
                 Some(job) => {
                     let finished = job.status.as_ref().is_some_and(|s| {
@@ -467,24 +469,19 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
                 if let Err(e) = apply_status(&eds, &name, &failed).await {
                     tracing::warn!(error = %e, "could not write the refusal to status");
                 }
-                base.publish(
-                    &ed.object_ref(&()),
-                    &[Notice::warning(reason, "Reconcile", message)],
-                )
-                .await;
+                let refused = Notice::warning(reason, "Reconcile", message);
+                scaffold::announce(base, ed.as_ref(), &[refused], None).await;
             }
         }
         return Err(error);
     }
-    if own_status(&status) != plan.status {
-        apply_status(&eds, &name, &plan.status)
-            .await
-            .map_err(api_error(
-                "write_status",
-                format!("EdgeDeployment {name}"),
-                &ns,
-            ))?;
-    }
+    scaffold::write_status(&eds, &name, Some(&own_status(&status)), &plan.status)
+        .await
+        .map_err(api_error(
+            "write_status",
+            format!("EdgeDeployment {name}"),
+            &ns,
+        ))?;
     // Consumed only after its effect is in status: a failure here repeats nothing, because
     // status remembers the command's token.
     if let Some(key) = &plan.consume {
@@ -497,8 +494,7 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
                 &ns,
             ))?;
     }
-    base.publish(&ed.object_ref(&()), &plan.notices).await;
-    audit_notices(base, &ed, &verdict, &plan.notices);
+    scaffold::announce(base, ed.as_ref(), &plan.notices, Some(audited(&ed))).await;
     Ok(Action::requeue(plan.requeue))
 }
 
@@ -580,33 +576,27 @@ async fn clean_up(
     Ok(Action::await_change())
 }
 
-/// Publishes a cleanup notice and audits it when a profile asks for audit records.
+/// Publishes a cleanup notice, audited when a profile asks for audit records.
 async fn announce(ctx: &EdgeContext, ed: &EdgeDeployment, notice: &Notice) {
-    let base = &ctx.base;
-    base.publish(&ed.object_ref(&()), std::slice::from_ref(notice))
-        .await;
-    let verdict = base.policies.verdict(ed);
-    audit_notices(base, ed, &verdict, std::slice::from_ref(notice));
+    scaffold::announce(
+        &ctx.base,
+        ed,
+        std::slice::from_ref(notice),
+        Some(audited(ed)),
+    )
+    .await;
 }
 
-/// The audit records of the audited decisions among `notices`, when a selecting profile asks
-/// for them.
-fn audit_notices(base: &Context, ed: &EdgeDeployment, verdict: &Verdict, notices: &[Notice]) {
-    let on_behalf_of = audit::spec_manager(&ed.metadata);
-    audit::emit_for(&base.instance, on_behalf_of, ed, verdict, notices);
+/// The operator's decisions on `ed` are made on behalf of whoever changed its spec last.
+fn audited(ed: &EdgeDeployment) -> Audited<'_> {
+    Audited {
+        ed,
+        on_behalf_of: audit::spec_manager(&ed.metadata),
+    }
 }
 
-pub fn error_policy(ed: Arc<EdgeDeployment>, error: &Error, ctx: Arc<EdgeContext>) -> Action {
-    ctx.base
-        .retry_failed(CONTROLLER, ed.as_ref(), error, error.kind())
-}
-
-/// `reconcile`, and a success forgets the object's failures (its backoff starts over).
-pub async fn reconcile_and_reset(
-    ed: Arc<EdgeDeployment>,
-    ctx: Arc<EdgeContext>,
-) -> Result<Action, Error> {
-    let key = Backoff::key(ed.as_ref());
-    let base = ctx.base.clone();
-    base.backoff.reset_on_success(key, reconcile(ed, ctx)).await
+impl AsRef<Context> for EdgeContext {
+    fn as_ref(&self) -> &Context {
+        &self.base
+    }
 }

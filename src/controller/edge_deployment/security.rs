@@ -263,7 +263,7 @@ fn mount(
 }
 
 /// The image's user; the pod's group owns the keys volume, so that user can read it.
-const IMAGE_USER: i64 = 65532;
+pub const IMAGE_USER: i64 = 65532;
 
 /// The pod security context of the build Job and runtime pods.
 pub fn pod_security() -> PodSecurityContext {

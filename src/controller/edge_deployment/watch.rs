@@ -13,7 +13,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use super::workload::{COMPONENT_LABEL, NAME_LABEL, REVISION_LABEL, RUNTIME_COMPONENT};
+use super::names::{COMPONENT_LABEL, NAME_LABEL, REVISION_LABEL, RUNTIME_COMPONENT};
 use crate::api::EdgeDeployment;
 use crate::api::condition;
 use crate::controller::cache;

@@ -7,19 +7,19 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EnvFromSource, HTTPGetAction, HostPathVolumeSource,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSpec,
-    PodTemplateSpec, Probe, SecretEnvSource, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EnvFromSource, HTTPGetAction,
+    HostPathVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    PodSpec, PodTemplateSpec, Probe, SecretEnvSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 
-pub use super::names::{
+use super::names::{
     COMPONENT_LABEL, HASH_ANNOTATION, NAME_LABEL, REVISION_LABEL, RUNTIME_COMPONENT, RUNTIME_PORT,
-    SERVICE_PORT, deployment_name, fnv1a64, job_name, rev8, runtime_selector,
+    SERVICE_PORT, deployment_name, fnv1a64, job_name,
 };
 use super::security::{self, Security};
 use crate::api::edge_deployment::{
@@ -187,6 +187,45 @@ fn store_volume(settings: &Settings) -> Option<(Volume, VolumeMount)> {
     )
 }
 
+/// For a `file://` store: the init container that gives the store's folder, and this
+/// EdgeDeployment's folders in it, to the image's user before the Job's container (that user)
+/// writes or deletes there. The kubelet makes a missing hostPath folder root's, mode 0755.
+/// Root with only `CAP_CHOWN`: a hostPath volume already needs a namespace that admits
+/// privileged pods (Pod Security `privileged`).
+fn own_store(settings: &Settings, ed: &EdgeDeployment) -> Option<Container> {
+    let (_, mount) = store_volume(settings)?;
+    let root = mount.mount_path.trim_end_matches('/').to_owned();
+    let ns = format!("{root}/{}", ed.namespace().unwrap_or_default());
+    let own = format!("{ns}/{}", ed.name_any());
+    let owner = format!("{}:{}", security::IMAGE_USER, security::IMAGE_USER);
+    Some(Container {
+        name: "own-store".into(),
+        image: Some(settings.image.clone()),
+        args: Some(vec![
+            "own-store".into(),
+            "--owner".into(),
+            owner,
+            root,
+            ns,
+            own,
+        ]),
+        volume_mounts: Some(vec![mount]),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["CHOWN".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    })
+}
+
 fn non_empty<T>(list: Vec<T>) -> Option<Vec<T>> {
     (!list.is_empty()).then_some(list)
 }
@@ -293,7 +332,15 @@ pub fn build_job(
     };
     let labels = labels(ed, Some(revision), "build");
     // The outcome is copied into status; the Job only needs to outlive one reconcile.
-    run_once(ed, job_name(ed, revision), labels, 1, container, volumes)
+    run_once(
+        settings,
+        ed,
+        job_name(ed, revision),
+        labels,
+        1,
+        container,
+        volumes,
+    )
 }
 
 /// The Job that deletes the artifacts at `uris` (revisions past a profile's `retentionDays` or
@@ -333,12 +380,14 @@ fn delete_artifacts_job(
         volume_mounts: non_empty(mounts),
         ..Container::default()
     };
-    run_once(ed, name, labels(ed, None, component), 3, container, volumes)
+    let labels = labels(ed, None, component);
+    run_once(settings, ed, name, labels, 3, container, volumes)
 }
 
 /// A Job of one container run to completion, kept an hour after it ends. Its error text
 /// becomes the termination message, which the reconciler reads.
 fn run_once(
+    settings: &Settings,
     ed: &EdgeDeployment,
     name: String,
     labels: BTreeMap<String, String>,
@@ -359,6 +408,7 @@ fn run_once(
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
                     security_context: Some(security::pod_security()),
+                    init_containers: own_store(settings, ed).map(|c| vec![c]),
                     containers: vec![Container {
                         termination_message_policy: Some("FallbackToLogsOnError".into()),
                         ..container
@@ -550,6 +600,7 @@ pub fn service(ed: &EdgeDeployment, name: String, revision: Option<&str>) -> Ser
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::edge_deployment::names::runtime_selector;
     use crate::controller::edge_deployment::plan::tests::sample;
 
     fn settings() -> Settings {
@@ -803,6 +854,58 @@ mod tests {
                 ("/models/minilm".into(), None)
             ]
         );
+    }
+
+    /// Found in review: the kubelet makes a missing hostPath folder root's (0755), and the
+    /// builder runs as the image's user, so on a real node a `file://` store took no artifact.
+    #[test]
+    fn the_jobs_give_a_file_store_to_the_image_user_first() {
+        let mut s = settings();
+        s.artifact_store = "file:///var/lib/kasmina/artifacts/".into();
+        let ed = sample();
+        let jobs = [
+            build_job(&s, &ed, "r", None, &Security::default()),
+            retention_job(
+                &s,
+                &ed,
+                &["file:///var/lib/kasmina/artifacts/ml/sentiment/a/".into()],
+            ),
+            cleanup_job(&s, &ed, "c".into(), &[]),
+        ];
+        for job in jobs {
+            let pod = job.spec.unwrap().template.spec.unwrap();
+            let init = pod.init_containers.as_deref().unwrap_or_default();
+            assert_eq!(init.len(), 1, "{:?}", job.metadata.name);
+            let own = &init[0];
+            assert_eq!(
+                own.args.clone().unwrap(),
+                [
+                    "own-store",
+                    "--owner",
+                    "65532:65532",
+                    "/var/lib/kasmina/artifacts",
+                    "/var/lib/kasmina/artifacts/ml",
+                    "/var/lib/kasmina/artifacts/ml/sentiment",
+                ]
+            );
+            assert_eq!(
+                own.volume_mounts.as_ref().unwrap()[0].mount_path,
+                "/var/lib/kasmina/artifacts/"
+            );
+            let sc = own.security_context.as_ref().unwrap();
+            assert_eq!((sc.run_as_user, sc.run_as_non_root), (Some(0), Some(false)));
+            assert_eq!(sc.allow_privilege_escalation, Some(false));
+            let caps = sc.capabilities.as_ref().unwrap();
+            assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+            assert_eq!(caps.add.as_deref(), Some(&["CHOWN".to_owned()][..]));
+            // The Job's own container stays the image's non-root user.
+            assert!(pod.containers[0].security_context.is_none());
+            assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+        }
+        // An object store has no folder to give.
+        let job = build_job(&settings(), &ed, "r", None, &Security::default());
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        assert!(pod.init_containers.is_none());
     }
 
     fn required_terms(affinity: Affinity) -> Vec<NodeSelectorTerm> {

@@ -16,8 +16,8 @@ use super::hpa::PodSample;
 use crate::api::quantity::parse as quantity;
 use crate::api::scaling_policy::{MetricSpec, MetricType};
 use crate::controller::edge_deployment::analysis::{Snapshot, quantile};
+use crate::controller::edge_deployment::names::REVISION_LABEL;
 use crate::controller::edge_deployment::scrape;
-use crate::controller::edge_deployment::workload::REVISION_LABEL;
 use crate::telemetry::error_chain;
 
 /// Errors of the collector's API and Prometheus reads.

@@ -8,7 +8,6 @@ pub mod reconcile;
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, controller, watcher};
 use kube::{Api, ResourceExt};
@@ -26,7 +25,7 @@ pub async fn run(
     let targets: Api<EdgeDeployment> = Api::all(ctx.base.client.clone());
     let controller = Controller::new(policies, watcher::Config::default().any_semantic());
     let store = controller.store();
-    controller
+    let controller = controller
         .with_config(config)
         // A target appearing, vanishing or changing re-evaluates the policies that name it.
         .watches(
@@ -43,12 +42,7 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile::reconcile_and_reset, reconcile::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "ScalingPolicy controller event");
-            }
-        })
+        .graceful_shutdown_on(shutdown);
+    crate::controller::scaffold::run(controller, reconcile::CONTROLLER, ctx, reconcile::reconcile)
         .await;
 }

@@ -9,17 +9,16 @@ use futures::future::join_all;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 
 use super::collect::{self, Collected, Reading};
 use super::decide::{Memory, decide};
 use crate::api::scaling_policy::MetricType;
 use crate::api::{EdgeDeployment, ScalingPolicy};
-use crate::controller::audit;
-use crate::controller::context::{Backoff, Context, FIELD_MANAGER, Notice};
+use crate::controller::context::{Context, FIELD_MANAGER};
+use crate::controller::edge_deployment::names::{RUNTIME_PORT, runtime_selector};
 use crate::controller::edge_deployment::replicas::traffic_revisions;
-use crate::controller::edge_deployment::workload::{RUNTIME_PORT, runtime_selector};
-use crate::controller::status::apply_status;
+use crate::controller::scaffold::{self, Audited, ErrorKind};
 use crate::telemetry::error_chain;
 
 pub const CONTROLLER: &str = "scalingpolicy";
@@ -112,9 +111,8 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn kind(&self) -> &'static str {
+impl ErrorKind for Error {
+    fn kind(&self) -> &'static str {
         match self {
             Error::MissingNamespace { .. } => "missing_namespace",
             Error::ReadTarget { .. } => "read_target",
@@ -130,7 +128,6 @@ pub async fn reconcile(
     ctx: Arc<ScalingContext>,
 ) -> Result<Action, Error> {
     let base = &ctx.base;
-    let _timer = base.metrics.reconcile_started(CONTROLLER);
     let name = policy.name_any();
     let namespace = policy
         .namespace()
@@ -201,30 +198,25 @@ pub async fn reconcile(
     if let Some(desired) = decision.status.desired_replicas {
         base.metrics.desired_replicas(&namespace, &name, desired);
     }
-    if policy.status.as_ref() != Some(&decision.status) {
-        let api: Api<ScalingPolicy> = Api::namespaced(base.client.clone(), &namespace);
-        apply_status(&api, &name, &decision.status)
-            .await
-            .map_err(|source| Error::WriteStatus {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                source,
-            })?;
-    }
-    base.publish(&policy.object_ref(&()), &decision.notices)
-        .await;
-    if let (Some(ed), Some(_)) = (&target, decision.scale) {
-        audit_scale(base, &key, ed, &decision.notices);
-    }
+    let api: Api<ScalingPolicy> = Api::namespaced(base.client.clone(), &namespace);
+    scaffold::write_status(&api, &name, policy.status.as_ref(), &decision.status)
+        .await
+        .map_err(|source| Error::WriteStatus {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        })?;
+    // A scale is audited when a ComplianceProfile selecting the target asks for it.
+    let audited = match (&target, decision.scale) {
+        (Some(ed), Some(_)) => Some(Audited {
+            ed,
+            on_behalf_of: Some(format!("ScalingPolicy {key}")),
+        }),
+        _ => None,
+    };
+    scaffold::announce(base, policy.as_ref(), &decision.notices, audited).await;
     ctx.remember(key, Some(decision.memory));
     Ok(Action::requeue(Duration::from_secs(interval as u64)))
-}
-
-/// Audit records of a scale, when a ComplianceProfile selecting the target asks for them.
-fn audit_scale(base: &Context, policy: &str, ed: &EdgeDeployment, notices: &[Notice]) {
-    let verdict = base.policies.verdict(ed);
-    let on_behalf_of = Some(format!("ScalingPolicy {policy}"));
-    audit::emit_for(&base.instance, on_behalf_of, ed, &verdict, notices);
 }
 
 /// This interval's readings: the traffic-taking pods scraped, resource metrics and Prometheus
@@ -294,19 +286,8 @@ async fn collect(
     Ok(collect::readings(metrics, &collected, &memory.previous))
 }
 
-pub fn error_policy(policy: Arc<ScalingPolicy>, error: &Error, ctx: Arc<ScalingContext>) -> Action {
-    ctx.base
-        .retry_failed(CONTROLLER, policy.as_ref(), error, error.kind())
-}
-
-/// `reconcile`, and a success forgets the object's failures (its backoff starts over).
-pub async fn reconcile_and_reset(
-    policy: Arc<ScalingPolicy>,
-    ctx: Arc<ScalingContext>,
-) -> Result<Action, Error> {
-    let key = Backoff::key(policy.as_ref());
-    let base = ctx.base.clone();
-    base.backoff
-        .reset_on_success(key, reconcile(policy, ctx))
-        .await
+impl AsRef<Context> for ScalingContext {
+    fn as_ref(&self) -> &Context {
+        &self.base
+    }
 }
