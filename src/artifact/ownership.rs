@@ -5,7 +5,7 @@
 //! `CAP_CHOWN`.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// A folder that could not be read or handed over.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,7 @@ pub fn own(paths: &[PathBuf], uid: u32, gid: u32) -> Result<Vec<PathBuf>, Error>
         if !meta.is_dir() || (meta.uid() == uid && meta.gid() == gid) {
             continue;
         }
-        std::os::unix::fs::lchown(Path::new(path), Some(uid), Some(gid)).map_err(fail)?;
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(fail)?;
         changed.push(path.clone());
     }
     Ok(changed)

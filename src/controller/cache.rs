@@ -302,6 +302,11 @@ mod tests {
         tokio::task::yield_now().await;
         refill(&mut profiles_writer, vec![]);
         refill(&mut namespaces_writer, vec![]);
+        all_woke(waiters).await;
+    }
+
+    /// Every waiter ended, told that its caches synced.
+    async fn all_woke(waiters: Vec<tokio::task::JoinHandle<bool>>) {
         for waiter in waiters {
             let woke = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await;
             assert!(matches!(woke, Ok(Ok(true))), "a waiter was never woken");
@@ -323,10 +328,7 @@ mod tests {
             .collect();
         tokio::task::yield_now().await;
         refill(&mut writer, vec![]);
-        for waiter in waiters {
-            let woke = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await;
-            assert!(matches!(woke, Ok(Ok(true))), "a waiter was never woken");
-        }
+        all_woke(waiters).await;
     }
 
     #[test]

@@ -93,23 +93,21 @@ where
     }
 }
 
-/// Writes `after` to the status subresource of `name` when it differs from `before`; says
-/// whether it wrote.
+/// Writes `after` to the status subresource of `name` when it differs from `before`.
 pub async fn write_status<K, S>(
     api: &Api<K>,
     name: &str,
     before: Option<&S>,
     after: &S,
-) -> Result<bool, kube::Error>
+) -> Result<(), kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     S: Serialize + PartialEq,
 {
-    if before == Some(after) {
-        return Ok(false);
+    if before != Some(after) {
+        apply_status(api, name, after).await?;
     }
-    apply_status(api, name, after).await?;
-    Ok(true)
+    Ok(())
 }
 
 /// Whose decisions on which EdgeDeployment notices record, for its audit log.
