@@ -618,6 +618,7 @@ fn runtime_exposition() -> String {
         revision: "a1b2c3d4".into(),
         digest: "sha256:0000".into(),
         quantization: "q8_0".into(),
+        kernel: "avx2".into(),
     };
     let load = Load::new(&mut registry, info, 8, now);
     for _ in 0..3 {

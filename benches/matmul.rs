@@ -4,11 +4,12 @@
 //! core, so single-thread speed is what a request sees.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use kasmina::model::q8::{BLOCK, Q8Matrix};
+use kasmina::model::q8::{self, Kernel, Q8Matrix};
 
 const TOKENS: usize = 13;
 /// attn_q/k/v/output, ffn_up, ffn_down: (out, in).
@@ -56,47 +57,82 @@ fn main() -> candle_core::Result<()> {
     // SAFETY: set before any other thread exists; candle reads it when its pool starts.
     unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
-    let reps = 200;
-    let (mut candle_us, mut kasmina_us, mut f32_us, mut blocks) = (0.0, 0.0, 0.0, 0usize);
+    let kernels = Kernel::supported();
     println!(
-        "| weight (out × in) | candle Q8_0 µs | Kasmina Q8_0 µs | F32 (gemm) µs | Kasmina ns per block |"
+        "CPU kernels: {} (the runtime picks {})\n",
+        kernels
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        Kernel::detect()
     );
-    println!("|---|---|---|---|---|");
+    // One sentence, and a batch of 8 packed into one matrix (the batcher's case).
+    for tokens in [TOKENS, 8 * TOKENS] {
+        layer(tokens, &kernels, if tokens == TOKENS { 200 } else { 25 })?;
+    }
+    Ok(())
+}
+
+fn layer(tokens: usize, kernels: &[Kernel], reps: usize) -> candle_core::Result<()> {
+    let columns: Vec<String> = kernels.iter().map(|k| format!("Kasmina {k} µs")).collect();
+    println!("{tokens} tokens:\n");
+    println!(
+        "| weight (out × in) | candle Q8_0 µs | F32 (gemm) µs | {} |",
+        columns.join(" | ")
+    );
+    println!("|---|---|---|{}", "---|".repeat(kernels.len()));
+    let (mut candle_us, mut f32_us) = (0.0, 0.0);
+    let mut ours_us = vec![0.0; kernels.len()];
+    let mut macs = 0usize;
     for (i, &(out, inp)) in LAYER.iter().enumerate() {
         let w = Tensor::from_vec(values(out * inp, i as u64 + 1), (out, inp), &Device::Cpu)?;
-        let x = Tensor::from_vec(values(TOKENS * inp, 99), (TOKENS, inp), &Device::Cpu)?;
+        let x = Tensor::from_vec(values(tokens * inp, 99), (tokens, inp), &Device::Cpu)?;
         let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-        let ours = Q8Matrix::from_qtensor(&q)?.expect("Q8_0 repacks");
+        let ours: Vec<Arc<Q8Matrix>> = kernels
+            .iter()
+            .map(|&k| Q8Matrix::for_kernel(&q, k).map(|m| Arc::new(m.expect("Q8_0 repacks"))))
+            .collect::<candle_core::Result<_>>()?;
         let theirs = QMatMul::from_qtensor(q)?;
         let wt = w.t()?;
         let c = time(reps, || {
             black_box(theirs.forward(&x).expect("candle matmul"));
         });
-        let k = time(reps, || {
-            black_box(ours.apply(&x).expect("kasmina matmul"));
-        });
         let f = time(reps, || {
             black_box(x.matmul(&wt).expect("f32 matmul"));
         });
-        let n = TOKENS * out * inp / BLOCK;
+        let k: Vec<f64> = ours
+            .iter()
+            .map(|m| {
+                time(reps, || {
+                    black_box(q8::apply(m, &x).expect("kasmina matmul"));
+                })
+            })
+            .collect();
+        let cells: Vec<String> = k.iter().map(|k| format!("{k:.1}")).collect();
         println!(
-            "| {out} × {inp} | {c:.1} | {k:.1} | {f:.1} | {:.2} |",
-            k * 1e3 / n as f64
+            "| {out} × {inp} | {c:.1} | {f:.1} | {} |",
+            cells.join(" | ")
         );
         candle_us += c;
-        kasmina_us += k;
         f32_us += f;
-        blocks += n;
+        ours_us.iter_mut().zip(&k).for_each(|(t, k)| *t += k);
+        macs += tokens * out * inp;
     }
+    let cells: Vec<String> = ours_us.iter().map(|k| format!("{k:.0}")).collect();
     println!(
-        "| one layer | {candle_us:.0} | {kasmina_us:.0} | {f32_us:.0} | {:.2} |",
-        kasmina_us * 1e3 / blocks as f64
+        "| one layer | {candle_us:.0} | {f32_us:.0} | {} |",
+        cells.join(" | ")
     );
-    println!(
-        "\nKasmina is {:.1}× candle's Q8_0 and {:.1}× F32; {:.1} G multiply-adds/s on one thread.",
-        candle_us / kasmina_us,
-        f32_us / kasmina_us,
-        (blocks * BLOCK) as f64 / kasmina_us / 1e3
-    );
+    println!();
+    for (kernel, us) in kernels.iter().zip(&ours_us) {
+        println!(
+            "Kasmina {kernel}: {:.1}× candle's Q8_0, {:.1}× F32, {:.1} G multiply-adds/s on one thread",
+            candle_us / us,
+            f32_us / us,
+            macs as f64 / us / 1e3
+        );
+    }
+    println!();
     Ok(())
 }

@@ -249,6 +249,7 @@ fn exported_metrics() -> BTreeSet<String> {
         revision: "r".into(),
         digest: "sha256:0".into(),
         quantization: "q8_0".into(),
+        kernel: "avx2".into(),
     };
     let load = Load::new(&mut runtime, info, 8, std::time::Instant::now());
     load.record(200, "success", 0.01);

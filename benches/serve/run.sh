@@ -20,12 +20,16 @@ port=18080
 url="http://127.0.0.1:$port"
 
 start() {
+  try_start "$@" || { cat /tmp/kasmina-bench-serve.log; exit 1; }
+}
+
+try_start() { # serve options; fails if the server exits before it is ready
   "$bin" serve --host 127.0.0.1 --port "$port" --artifact "$artifact" --expect-digest "$digest" "$@" \
     2>/tmp/kasmina-bench-serve.log &
   pid=$!
   started=$(date +%s.%N)
   until curl -sf "$url/v2/health/ready" >/dev/null; do
-    kill -0 "$pid" 2>/dev/null || { cat /tmp/kasmina-bench-serve.log; exit 1; }
+    kill -0 "$pid" 2>/dev/null || return 1
     sleep 0.005
   done
   ready=$(date +%s.%N)
@@ -65,12 +69,32 @@ echo "|---|---|---|---|---|---|---|---|"
 for mode in on off; do
   if [ "$mode" = on ]; then start --max-batch 8 --max-batch-delay 2ms; else start --max-batch 1; fi
   [ "$mode" = on ] && cold_on=$cold_ms
+  kernel=$(curl -sf "$url/metrics" | sed -n 's/^kasmina_model_info{.*kernel="\([^"]*\)".*/\1/p')
   for c in $counts; do
     r=$(load "$c")
     [ "$mode" = on ] && kasmina[$c]=$r
     echo "| $mode | $c | $(field p50_ms "$r") | $(field p99_ms "$r") | $(field rps "$r") | $(field ok "$r") | $(field shed "$r") | $(rss_mib) |"
   done
   [ "$mode" = on ] && kasmina_rss=$(rss_mib)
+  stop
+done
+
+echo
+echo "int8 kernel: $kernel (the fastest this CPU offers, chosen at run time)"
+
+# Every kernel this CPU runs, forced with --kernel, batching as shipped.
+echo
+echo "| kernel (--kernel) | clients | p50 ms | p99 ms | req/s |"
+echo "|---|---|---|---|---|"
+for k in avx512-vnni avx-vnni avx2 portable; do
+  if ! try_start --kernel "$k"; then
+    echo "| $k | not supported by this CPU | | | |"
+    continue
+  fi
+  for c in 1 8; do
+    r=$(load "$c")
+    echo "| $k | $c | $(field p50_ms "$r") | $(field p99_ms "$r") | $(field rps "$r") |"
+  done
   stop
 done
 

@@ -5,6 +5,7 @@
 //! the model built from safetensors and the model loaded from an artifact are the same code.
 
 pub mod bert;
+pub mod cores;
 pub mod mlp;
 pub mod q8;
 
@@ -138,7 +139,7 @@ impl Product {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Self::Q8(matrix) => matrix.apply(x)?,
+            Self::Q8(matrix) => q8::apply(matrix, x)?,
             Self::Candle(matmul) => x.apply(matmul)?,
         })
     }

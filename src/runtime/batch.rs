@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use super::load::Load;
 use super::protocol::Items;
+use crate::model::cores::Cores;
 
 /// A model the batcher can run: one output row per input item, in order.
 pub trait Engine: Send + Sync + 'static {
@@ -139,6 +140,7 @@ async fn collect(
     load: Arc<Load>,
 ) {
     let workers = Arc::new(Semaphore::new(config.workers.max(1)));
+    let cores = Cores::new(config.workers);
     let max_batch = config.max_batch.max(1);
     let costs = Arc::new(Costs::default());
     let mut carry: Option<Job> = None;
@@ -199,8 +201,9 @@ async fn collect(
         let engine = engine.clone();
         let load = load.clone();
         let costs = costs.clone();
+        let cores = cores.clone();
         tokio::task::spawn_blocking(move || {
-            run(engine.as_ref(), jobs, &load, &costs);
+            cores.lend(|| run(engine.as_ref(), jobs, &load, &costs));
             drop(permit);
         });
     }
@@ -374,6 +377,7 @@ mod tests {
             revision: String::new(),
             digest: String::new(),
             quantization: String::new(),
+            kernel: String::new(),
         };
         Arc::new(Load::new(
             &mut Registry::default(),

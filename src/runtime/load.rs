@@ -75,6 +75,8 @@ pub struct InfoLabels {
     pub revision: String,
     pub digest: String,
     pub quantization: String,
+    /// The int8 matrix kernel serving (see `model::q8::Kernel`).
+    pub kernel: String,
 }
 
 /// The runtime's metrics contract (DESIGN §4) and the counts behind it.
@@ -293,6 +295,7 @@ mod tests {
             revision: "r".into(),
             digest: "sha256:x".into(),
             quantization: "q8_0".into(),
+            kernel: "avx2".into(),
         }
     }
 
@@ -377,7 +380,7 @@ mod tests {
             "kasmina_request_duration_seconds_bucket{",
             "outcome=\"shed\"",
             "kasmina_requests_total{model=\"m\",code=\"503\"} 1",
-            "kasmina_model_info{model=\"m\",version=\"1\",revision=\"r\",digest=\"sha256:x\",quantization=\"q8_0\"} 1",
+            "kasmina_model_info{model=\"m\",version=\"1\",revision=\"r\",digest=\"sha256:x\",quantization=\"q8_0\",kernel=\"avx2\"} 1",
         ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }

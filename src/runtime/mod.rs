@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::duration::Duration as KubeDuration;
+use crate::model::q8::Kernel;
 use crate::telemetry::Health;
 use batch::{BatchConfig, Batcher};
 use load::{InfoLabels, Load};
@@ -132,6 +133,10 @@ pub struct Options {
     /// included). The cores are divided among the workers: see [`Options::threads_per_pass`].
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// The int8 matrix kernel: auto (the fastest this CPU offers), avx512-vnni, avx-vnni, avx2
+    /// or portable. Naming one the CPU lacks refuses to start.
+    #[arg(long, env = "KASMINA_KERNEL", default_value = "auto")]
+    pub kernel: String,
     /// A request not answered within this gets 504.
     #[arg(long, default_value = "30s")]
     pub request_timeout: KubeDuration,
@@ -258,6 +263,8 @@ impl From<&Options> for Limits {
 /// Verifies and loads the artifact, then serves until `shutdown` fires and the drain ends.
 /// Nothing listens until the artifact has been verified and loaded.
 pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), Error> {
+    // Before any matrix is packed: the weights are laid out for the kernel.
+    let kernel = Kernel::choose(Some(&options.kernel)).map_err(|e| Error::Config(e.to_string()))?;
     let open = options.open();
     let handle = tokio::runtime::Handle::current();
     let (model, cold) = tokio::task::spawn_blocking(move || served::open(&open, &handle))
@@ -268,6 +275,7 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), Er
         version = %model.version,
         digest = %model.digest,
         quantization = %model.quantization,
+        %kernel,
         signed_by = model.signed_by.as_deref().unwrap_or("-"),
         weights_mib = model.weight_bytes as f64 / 1048576.0,
         fetch_ms = cold.fetch.as_secs_f64() * 1e3,
@@ -315,6 +323,7 @@ pub async fn serve(
             revision: revision.into(),
             digest: model.digest.clone(),
             quantization: model.quantization.clone(),
+            kernel: Kernel::active().to_string(),
         },
         limits.batch.capacity(),
         Instant::now(),
