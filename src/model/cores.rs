@@ -3,7 +3,10 @@
 //! lone request's latency falls. When every worker is busy nothing splits: each request keeps
 //! its own core and throughput is what it was.
 //!
-//! The runtime's batch workers run each forward pass inside [`Cores::lend`]; the int8 kernel
+//! The runtime's batch workers run each forward pass through [`Cores::run`], on one of
+//! `workers` threads kept for them (so the allocator keeps no more arenas than there are
+//! workers: with tokio's blocking pool, passes wandered over up to 9 threads and peak memory
+//! grew with them), inside [`Cores::lend`]; the int8 kernel
 //! asks [`split`], which splits only inside such a pass and only while a worker is idle.
 //! Helpers and the pass's own thread take chunks from one counter, so a helper that wakes late
 //! (or never) costs nothing: the owner computes what is left, and waits only for chunks a
@@ -14,7 +17,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -27,9 +30,13 @@ const STAY_AWAKE: Duration = Duration::from_micros(200);
 pub struct Cores {
     /// Workers and how many are busy, shared with the helpers.
     count: Arc<Count>,
+    /// Forward passes for the worker threads.
+    passes: Mutex<Option<mpsc::Sender<Pass>>>,
     /// `workers − 1` threads: with one pass running, every other core helps it.
     helpers: Option<Helpers>,
 }
+
+type Pass = Box<dyn FnOnce() + Send>;
 
 /// The workers, and how many run a forward pass now.
 #[derive(Debug)]
@@ -65,7 +72,47 @@ impl Cores {
                     .ok()
             })
             .flatten();
-        Arc::new(Self { count, helpers })
+        let (passes, queue) = mpsc::channel::<Pass>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..workers {
+            let queue = queue.clone();
+            let started = std::thread::Builder::new()
+                .name(format!("kasmina-worker-{i}"))
+                .spawn(move || {
+                    loop {
+                        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(pass) = next else { break };
+                        pass();
+                    }
+                });
+            if let Err(e) = started {
+                tracing::warn!(error = %e, "a worker thread did not start");
+            }
+        }
+        Arc::new(Self {
+            count,
+            passes: Mutex::new(Some(passes)),
+            helpers,
+        })
+    }
+
+    /// Runs a forward pass on a worker thread, inside [`Cores::lend`]. Should the workers be
+    /// gone (they never stop while the `Cores` live), it runs on this thread.
+    pub fn run(self: &Arc<Self>, pass: impl FnOnce() + Send + 'static) {
+        let cores = self.clone();
+        let pass: Pass = Box::new(move || cores.lend(pass));
+        let sender = self
+            .passes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let unsent = match sender {
+            Some(sender) => sender.send(pass).err().map(|e| e.0),
+            None => Some(pass),
+        };
+        if let Some(pass) = unsent {
+            pass();
+        }
     }
 
     /// Runs one forward pass on this thread, counted busy; its splittable work may use the
@@ -445,6 +492,25 @@ mod tests {
         drop(cores);
         // Every helper thread has returned and let go of the board.
         assert!(board.upgrade().is_none());
+    }
+
+    #[test]
+    fn passes_run_on_the_worker_threads_inside_lend() {
+        let cores = Cores::new(2);
+        let (tx, rx) = mpsc::channel();
+        for _ in 0..4 {
+            let (tx, inner) = (tx.clone(), cores.clone());
+            cores.run(move || {
+                let name = std::thread::current().name().map(String::from);
+                tx.send((name, inner.count.busy.load(Ordering::SeqCst)))
+                    .unwrap();
+            });
+        }
+        for _ in 0..4 {
+            let (name, busy) = rx.recv().unwrap();
+            assert!(name.unwrap().starts_with("kasmina-worker-"));
+            assert!(busy >= 1, "counted busy while it runs");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Dynamic batching: admitted requests wait in one bounded queue; a collector takes up to
 //! `max_batch` items (or whatever arrived within `max_batch_delay`) as soon as a worker is
-//! free, runs them as one forward pass on a bounded pool of blocking workers, and routes each
+//! free, runs them as one forward pass on a bounded pool of worker threads, and routes each
 //! caller its own rows. Requests whose callers gave up (timeout, disconnect) are skipped.
 //!
 //! Batching adapts to what it measures ([`Costs`]). While batches cost clearly less per item
@@ -201,9 +201,8 @@ async fn collect(
         let engine = engine.clone();
         let load = load.clone();
         let costs = costs.clone();
-        let cores = cores.clone();
-        tokio::task::spawn_blocking(move || {
-            cores.lend(|| run(engine.as_ref(), jobs, &load, &costs));
+        cores.run(move || {
+            run(engine.as_ref(), jobs, &load, &costs);
             drop(permit);
         });
     }

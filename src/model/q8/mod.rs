@@ -222,13 +222,20 @@ pub fn apply(w: &Arc<Q8Matrix>, x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Op(w.clone()))
 }
 
+/// Activation rows (tokens) up to which a product is shared with idle cores: a request or two
+/// of short sentences. A larger pass is a batch, which forms only while the workers are busy;
+/// sharing it in a moment's gap between batches measured no faster, and its helpers' larger
+/// buffers raised the runtime's peak memory (82 against 64 MiB at 32 clients).
+const SHARED_ROWS_MAX: usize = 64;
+
 /// `x · wᵀ` for `x` of `m × cols` f32 values, row-major. Inside a forward pass that idle
-/// cores help ([`cores`]), the output columns are split among them.
+/// cores help ([`cores`]), the output columns of a product of up to [`SHARED_ROWS_MAX`] rows
+/// are split among them.
 pub fn forward(w: &Arc<Q8Matrix>, x: &[f32]) -> Vec<f32> {
     let x = Q8Rows::quantize(x, w.cols);
     let (rows, m) = (w.rows, x.rows);
     let mut out = vec![0f32; m * rows];
-    if !cores::helping() {
+    if m > SHARED_ROWS_MAX || !cores::helping() {
         w.matmul(&x, &mut out);
         return out;
     }
