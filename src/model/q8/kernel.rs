@@ -81,10 +81,31 @@ impl Kernel {
             .unwrap_or(Kernel::Portable)
     }
 
-    /// The kernel new matrices are packed for: the one [`Kernel::choose`] set, else the
-    /// fastest supported.
+    /// The kernel the process serves with: the one [`Kernel::choose`] set, else the fastest
+    /// supported.
     pub fn active() -> Kernel {
         *CHOSEN.get_or_init(Self::detect)
+    }
+
+    /// The kernel matrices packed now on this thread are for: [`Kernel::active`], unless
+    /// inside [`Kernel::scoped`].
+    pub fn packing() -> Kernel {
+        SCOPED.get().unwrap_or_else(Self::active)
+    }
+
+    /// Runs `f` with matrices packed on this thread for `kernel` (which the CPU must
+    /// support): to load the same model for each kernel in one process, as the model tests
+    /// do.
+    pub fn scoped<R>(kernel: Kernel, f: impl FnOnce() -> R) -> R {
+        let previous = SCOPED.replace(Some(kernel));
+        struct Restore(Option<Kernel>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                SCOPED.set(self.0);
+            }
+        }
+        let _restore = Restore(previous);
+        f()
     }
 
     /// Fixes the kernel for the process before any model loads: `None` or `"auto"` detects.
@@ -109,6 +130,10 @@ impl Kernel {
 }
 
 static CHOSEN: OnceLock<Kernel> = OnceLock::new();
+
+thread_local! {
+    static SCOPED: std::cell::Cell<Option<Kernel>> = const { std::cell::Cell::new(None) };
+}
 
 impl fmt::Display for Kernel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -139,6 +164,11 @@ mod tests {
         for kernel in Kernel::ALL {
             assert_eq!(kernel.name().parse::<Kernel>().unwrap(), kernel);
         }
+        assert_eq!(
+            Kernel::scoped(Kernel::Portable, Kernel::packing),
+            Kernel::Portable
+        );
+        assert_eq!(Kernel::packing(), Kernel::active());
         let unknown = "avx1024".parse::<Kernel>().unwrap_err().to_string();
         assert!(
             unknown.contains("avx512-vnni, avx-vnni, avx2, portable"),

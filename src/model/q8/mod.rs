@@ -15,9 +15,7 @@ mod portable;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
-mod vnni256;
-#[cfg(target_arch = "x86_64")]
-mod vnni512;
+mod vnni;
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -88,10 +86,10 @@ impl Groups {
 }
 
 impl Q8Matrix {
-    /// Repacks a 2-D Q8_0 tensor for the process's kernel ([`Kernel::active`]); `None` for any
-    /// other dtype or shape.
+    /// Repacks a 2-D Q8_0 tensor for the process's kernel ([`Kernel::packing`]); `None` for
+    /// any other dtype or shape.
     pub fn from_qtensor(tensor: &QTensor) -> candle_core::Result<Option<Self>> {
-        Self::for_kernel(tensor, Kernel::active())
+        Self::for_kernel(tensor, Kernel::packing())
     }
 
     /// Repacks a 2-D Q8_0 tensor for `kernel`, which the CPU must support.
@@ -131,9 +129,9 @@ impl Q8Matrix {
         }
         let lanes = match kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => Some(vnni512::LANES),
+            Kernel::Avx512Vnni => Some(vnni::avx512::LANES),
             #[cfg(target_arch = "x86_64")]
-            Kernel::AvxVnni => Some(vnni256::LANES),
+            Kernel::AvxVnni => Some(vnni::avx::LANES),
             _ => None,
         };
         let packing = match lanes {
@@ -199,12 +197,12 @@ impl Q8Matrix {
             #[cfg(target_arch = "x86_64")]
             (Packing::Groups(w), Kernel::Avx512Vnni) => {
                 // SAFETY: packing checked the CPU supports the kernel; sizes are asserted.
-                unsafe { vnni512::matmul(w, x, out) }
+                unsafe { vnni::avx512::matmul(w, x, out) }
             }
             #[cfg(target_arch = "x86_64")]
             (Packing::Groups(w), Kernel::AvxVnni) => {
                 // SAFETY: as above.
-                unsafe { vnni256::matmul(w, x, out) }
+                unsafe { vnni::avx::matmul(w, x, out) }
             }
             #[cfg(target_arch = "x86_64")]
             (Packing::Rows { quants, scales }, Kernel::Avx2) => {
