@@ -1,5 +1,5 @@
 //! Idle cores lent to a forward pass: while other workers of the runtime have nothing to do,
-//! one request's matrix multiplies split their activation rows over helper threads, so a
+//! one request's matrix multiplies split their output columns over helper threads, so a
 //! lone request's latency falls. When every worker is busy nothing splits: each request keeps
 //! its own core and throughput is what it was.
 //!
@@ -31,7 +31,7 @@ pub struct Cores {
     /// Workers and how many are busy, shared with the helpers.
     count: Arc<Count>,
     /// Forward passes for the worker threads.
-    passes: Mutex<Option<mpsc::Sender<Pass>>>,
+    passes: mpsc::Sender<Pass>,
     /// `workers − 1` threads: with one pass running, every other core helps it.
     helpers: Option<Helpers>,
 }
@@ -91,7 +91,7 @@ impl Cores {
         }
         Arc::new(Self {
             count,
-            passes: Mutex::new(Some(passes)),
+            passes,
             helpers,
         })
     }
@@ -101,17 +101,8 @@ impl Cores {
     pub fn run(self: &Arc<Self>, pass: impl FnOnce() + Send + 'static) {
         let cores = self.clone();
         let pass: Pass = Box::new(move || cores.lend(pass));
-        let sender = self
-            .passes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let unsent = match sender {
-            Some(sender) => sender.send(pass).err().map(|e| e.0),
-            None => Some(pass),
-        };
-        if let Some(pass) = unsent {
-            pass();
+        if let Err(unsent) = self.passes.send(pass) {
+            (unsent.0)();
         }
     }
 
@@ -129,6 +120,15 @@ impl Cores {
 
     fn idle(&self) -> usize {
         self.count.idle()
+    }
+
+    /// The helpers and how many workers are idle, if work split now would be shared.
+    fn lent(&self) -> Option<(&Helpers, usize)> {
+        let idle = self.idle();
+        self.helpers
+            .as_ref()
+            .filter(|_| idle > 0)
+            .map(|h| (h, idle))
     }
 }
 
@@ -272,7 +272,7 @@ pub fn helping() -> bool {
         current
             .borrow()
             .as_ref()
-            .is_some_and(|cores| cores.helpers.is_some() && cores.idle() > 0)
+            .is_some_and(|c| c.lent().is_some())
     })
 }
 
@@ -287,11 +287,10 @@ where
     F: Fn(usize) + Send + Sync + 'static,
 {
     let cores = CURRENT.with(|current| current.borrow().clone());
-    let lent = cores.as_ref().and_then(|cores| {
-        let idle = cores.idle();
-        let helpers = cores.helpers.as_ref()?;
-        (idle > 0 && chunks > 1).then_some((helpers, idle))
-    });
+    let lent = cores
+        .as_ref()
+        .and_then(|cores| cores.lent())
+        .filter(|_| chunks > 1);
     let Some((helpers, idle)) = lent else {
         (0..chunks).for_each(own);
         return Vec::new();

@@ -264,7 +264,7 @@ impl From<&Options> for Limits {
 /// Nothing listens until the artifact has been verified and loaded.
 pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), Error> {
     // Before any matrix is packed: the weights are laid out for the kernel.
-    let kernel = Kernel::choose(Some(&options.kernel)).map_err(|e| Error::Config(e.to_string()))?;
+    let kernel = Kernel::choose(&options.kernel).map_err(|e| Error::Config(e.to_string()))?;
     let open = options.open();
     let handle = tokio::runtime::Handle::current();
     let (model, cold) = tokio::task::spawn_blocking(move || served::open(&open, &handle))

@@ -20,7 +20,7 @@ pub enum Kernel {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("unknown kernel {0:?}: expected one of avx512-vnni, avx-vnni, avx2, portable")]
+    #[error("unknown kernel {0:?}: expected auto or one of avx512-vnni, avx-vnni, avx2, portable")]
     Unknown(String),
     #[error("kernel {0} is not supported by this CPU (it supports {1})")]
     Unsupported(Kernel, String),
@@ -108,11 +108,11 @@ impl Kernel {
         f()
     }
 
-    /// Fixes the kernel for the process before any model loads: `None` or `"auto"` detects.
-    pub fn choose(name: Option<&str>) -> Result<Kernel, KernelError> {
+    /// Fixes the kernel for the process before any model loads: `"auto"` (or empty) detects.
+    pub fn choose(name: &str) -> Result<Kernel, KernelError> {
         let kernel = match name {
-            None | Some("auto") | Some("") => Self::detect(),
-            Some(name) => {
+            "auto" | "" => Self::detect(),
+            name => {
                 let kernel: Kernel = name.parse()?;
                 if !kernel.is_supported() {
                     let supported: Vec<_> = Self::supported().iter().map(|k| k.name()).collect();
