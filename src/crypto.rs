@@ -46,10 +46,12 @@ pub enum Error {
 
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256(bytes: &[u8]) -> String {
-    format!(
-        "sha256:{}",
-        hex(digest::digest(&digest::SHA256, bytes).as_ref())
-    )
+    sha256_digest(digest::digest(&digest::SHA256, bytes))
+}
+
+/// `sha256:<hex>` of a finished SHA-256.
+pub fn sha256_digest(digest: digest::Digest) -> String {
+    format!("sha256:{}", hex(digest.as_ref()))
 }
 
 /// `sha256:<hex>` of everything `reader` yields, streamed.
@@ -63,7 +65,7 @@ pub fn sha256_reader(mut reader: impl Read) -> Result<String, Error> {
         }
         ctx.update(&buf[..n]);
     }
-    Ok(format!("sha256:{}", hex(ctx.finish().as_ref())))
+    Ok(sha256_digest(ctx.finish()))
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -365,7 +365,7 @@ fn sensitivity(
                 return Ok(0.0);
             }
             let name = &p.tensors[i].name;
-            let source = reference.get(name)?.dequantize(&Device::Cpu)?;
+            let source = reference.get(name)?.dense()?;
             let trial = model.with_weight(name, Arc::new(QTensor::quantize(&source, dtype)?))?;
             let outputs = trial.calibration_outputs()?;
             let n = outputs.len().max(1) as f64;
@@ -929,39 +929,8 @@ fn gguf_mismatch(manifest: &Manifest, found: &str) -> Error {
     ))
 }
 
-/// The GGUF bytes that were verified: memory-mapped in clear, or decrypted into memory.
-pub enum GgufBytes {
-    Mapped(memmap2::Mmap),
-    Decrypted(Vec<u8>),
-}
-
-impl GgufBytes {
-    /// Gives a mapped range's pages back to the kernel (they stay in the page cache and are
-    /// read again if touched); decrypted bytes are freed as a whole when dropped instead.
-    pub fn release(&self, offset: usize, len: usize) {
-        #[cfg(unix)]
-        if let GgufBytes::Mapped(m) = self {
-            let len = len.min(m.len().saturating_sub(offset));
-            // SAFETY: the map is private and read-only, so dropping its pages loses nothing:
-            // a later access faults the same file contents back in.
-            let _ = unsafe {
-                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
-            };
-        }
-    }
-}
-
-impl std::ops::Deref for GgufBytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            GgufBytes::Mapped(m) => m,
-            GgufBytes::Decrypted(v) => v,
-        }
-    }
-}
-
-/// Verifies an artifact and returns the very bytes that were hashed, so nothing can change
+/// Verifies an artifact and loads its GGUF from the very bytes that were hashed (read once,
+/// front to back, into the weights: see [`gguf::read_verified`]), so nothing can change
 /// between the check and the load. An encrypted artifact needs `decrypt_key`; a key for a
 /// clear artifact is refused too, since whoever passed it expected encryption.
 pub fn open_verified(
@@ -969,35 +938,39 @@ pub fn open_verified(
     public_key: Option<&VerifyingKey>,
     expect_digest: &str,
     decrypt_key: Option<&EncryptionKey>,
-) -> Result<(Verified, GgufBytes), Error> {
+) -> Result<(Verified, gguf::Loaded), Error> {
     let verified = verify_manifest(dir, public_key, Some(expect_digest))?;
     let manifest = &verified.manifest;
     let stored_path = dir.join(&manifest.stored.file);
     let file = std::fs::File::open(&stored_path).map_err(|e| Error::io(&stored_path, e))?;
-    // SAFETY: the map is read-only and private to this process; a concurrent writer could
-    // change it, which is why the digest is taken over the mapped bytes themselves and the
-    // GGUF is parsed from the same mapping.
-    let mapped = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&stored_path, e))?;
-    let stored_digest = crypto::sha256(&mapped);
-    if stored_digest != manifest.stored.sha256 {
-        return Err(stored_mismatch(manifest, &stored_digest));
-    }
-    let bytes = match (&manifest.stored.encryption, decrypt_key) {
-        (None, None) => {
-            let bytes = GgufBytes::Mapped(mapped);
-            // Hashing touched every page; the load touches them again one tensor at a time.
-            bytes.release(0, bytes.len());
-            bytes
-        }
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(&stored_path, e))?
+        .len();
+    let loaded = match (&manifest.stored.encryption, decrypt_key) {
+        (None, None) => gguf::read_verified(
+            std::io::BufReader::new(file),
+            len,
+            &manifest.stored.sha256,
+            |found| stored_mismatch(manifest, found),
+        )?,
         (Some(_), Some(key)) => {
-            let mut plain = Vec::with_capacity(manifest.gguf.bytes as usize);
-            key.decrypt(&mapped[..], &mut plain)?;
-            drop(mapped);
-            let digest = crypto::sha256(&plain);
-            if digest != manifest.gguf.sha256 {
-                return Err(gguf_mismatch(manifest, &digest));
+            let mut sealed = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, len), &mut sealed)
+                .map_err(|e| Error::io(&stored_path, e))?;
+            let stored_digest = crypto::sha256(&sealed);
+            if stored_digest != manifest.stored.sha256 {
+                return Err(stored_mismatch(manifest, &stored_digest));
             }
-            GgufBytes::Decrypted(plain)
+            let mut plain = Vec::with_capacity(manifest.gguf.bytes as usize);
+            key.decrypt(sealed.as_slice(), &mut plain)?;
+            drop(sealed);
+            gguf::read_verified(
+                plain.as_slice(),
+                plain.len() as u64,
+                &manifest.gguf.sha256,
+                |found| gguf_mismatch(manifest, found),
+            )?
         }
         (Some(_), None) => {
             return Err(Error::Verify(
@@ -1010,7 +983,7 @@ pub fn open_verified(
             ));
         }
     };
-    Ok((verified, bytes))
+    Ok((verified, loaded))
 }
 
 /// A writer that only hashes what passes through.
@@ -1024,7 +997,7 @@ impl Default for HashingWriter {
 
 impl HashingWriter {
     fn finish(self) -> String {
-        format!("sha256:{}", crypto::hex(self.0.finish().as_ref()))
+        crypto::sha256_digest(self.0.finish())
     }
 }
 

@@ -38,22 +38,69 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// One stored weight: quantized (or F16) blocks as candle holds them, or an F32 tensor read
+/// straight into its working form (an F32 `QTensor` would be copied again to multiply).
+#[derive(Clone)]
+pub enum Weight {
+    Quantized(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl Weight {
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Self::Quantized(q) => q.shape().dims(),
+            Self::Dense(t) => t.dims(),
+        }
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        match self {
+            Self::Quantized(q) => q.dtype(),
+            Self::Dense(_) => GgmlDType::F32,
+        }
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Self::Quantized(q) => q.storage_size_in_bytes(),
+            Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
+    }
+
+    /// The weight as an F32 tensor (dequantized if needed).
+    pub fn dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            Self::Quantized(q) => q.dequantize(&Device::Cpu)?,
+            Self::Dense(t) => t.clone(),
+        })
+    }
+
+    /// The weight as candle's matrix multiply (and embedding lookup).
+    pub fn matmul(&self) -> Result<QMatMul> {
+        Ok(match self {
+            Self::Quantized(q) => QMatMul::from_arc(q.clone())?,
+            Self::Dense(t) => QMatMul::Tensor(t.clone()),
+        })
+    }
+}
+
 /// Named weights, each F32, F16 or quantized.
 #[derive(Clone, Default)]
 pub struct Weights {
-    tensors: HashMap<String, Arc<QTensor>>,
+    tensors: HashMap<String, Weight>,
 }
 
 impl Weights {
-    pub fn new(tensors: HashMap<String, Arc<QTensor>>) -> Self {
-        Self { tensors }
-    }
-
     pub fn insert(&mut self, name: impl Into<String>, tensor: Arc<QTensor>) {
-        self.tensors.insert(name.into(), tensor);
+        self.tensors.insert(name.into(), Weight::Quantized(tensor));
     }
 
-    pub fn get(&self, name: &str) -> Result<&Arc<QTensor>> {
+    pub fn insert_dense(&mut self, name: impl Into<String>, tensor: Tensor) {
+        self.tensors.insert(name.into(), Weight::Dense(tensor));
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Weight> {
         self.tensors
             .get(name)
             .ok_or_else(|| Error::MissingWeight(name.into()))
@@ -70,35 +117,32 @@ impl Weights {
     /// Removes a weight, checked against `shape`. Taking (not borrowing) lets a model being
     /// assembled free each stored tensor as soon as its working form exists, so loading
     /// never holds two copies of every weight.
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Arc<QTensor>> {
-        let q = self
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let w = self
             .tensors
             .remove(name)
             .ok_or_else(|| Error::MissingWeight(name.into()))?;
-        check_shape(name, q.shape().dims(), shape)?;
-        Ok(q)
+        check_shape(name, w.dims(), shape)?;
+        Ok(w)
     }
 
     /// Takes the weight as an F32 tensor (dequantized if needed).
     pub fn take_dense(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        Ok(self.take(name, shape)?.dequantize(&Device::Cpu)?)
+        self.take(name, shape)?.dense()
     }
 
     /// Takes the weight as a matrix multiply: quantized kernels for quantized weights.
     pub fn take_matmul(&mut self, name: &str, shape: &[usize]) -> Result<QMatMul> {
-        Ok(QMatMul::from_arc(self.take(name, shape)?)?)
+        self.take(name, shape)?.matmul()
     }
 
     /// Total bytes of all weights as stored.
     pub fn size_in_bytes(&self) -> usize {
-        self.tensors
-            .values()
-            .map(|t| t.storage_size_in_bytes())
-            .sum()
+        self.tensors.values().map(Weight::size_in_bytes).sum()
     }
 
     pub fn dtype(&self, name: &str) -> Option<GgmlDType> {
-        self.tensors.get(name).map(|t| t.dtype())
+        self.tensors.get(name).map(Weight::dtype)
     }
 }
 
@@ -130,11 +174,13 @@ enum Product {
 }
 
 impl Product {
-    fn new(weight: Arc<QTensor>) -> Result<Self> {
-        Ok(match q8::Q8Matrix::from_qtensor(&weight)? {
-            Some(matrix) => Self::Q8(Arc::new(matrix)),
-            None => Self::Candle(QMatMul::from_arc(weight)?),
-        })
+    fn new(weight: Weight) -> Result<Self> {
+        if let Weight::Quantized(q) = &weight
+            && let Some(matrix) = q8::Q8Matrix::from_qtensor(q)?
+        {
+            return Ok(Self::Q8(Arc::new(matrix)));
+        }
+        Ok(Self::Candle(weight.matmul()?))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -167,7 +213,7 @@ impl Linear {
     /// The same layer with another weight (same shape), e.g. a quantized trial.
     pub fn with_weight(&self, weight: Arc<QTensor>) -> Result<Self> {
         Ok(Self {
-            weight: Product::new(weight)?,
+            weight: Product::new(Weight::Quantized(weight))?,
             bias: self.bias.clone(),
         })
     }
