@@ -50,6 +50,10 @@ macro_rules! vnni_kernel {
                         // holds rows of `stride` for the columns.
                         unsafe {
                             match (mr, ng) {
+                                (6, 2) => tile::<6, 2>(w, x, m, g, cols, out, stride),
+                                (6, _) => tile::<6, 1>(w, x, m, g, cols, out, stride),
+                                (5, 2) => tile::<5, 2>(w, x, m, g, cols, out, stride),
+                                (5, _) => tile::<5, 1>(w, x, m, g, cols, out, stride),
                                 (4, 2) => tile::<4, 2>(w, x, m, g, cols, out, stride),
                                 (4, _) => tile::<4, 1>(w, x, m, g, cols, out, stride),
                                 (3, 2) => tile::<3, 2>(w, x, m, g, cols, out, stride),
@@ -141,7 +145,7 @@ macro_rules! vnni_kernel {
 }
 
 vnni_kernel!(
-    avx512, "avx512f,avx512bw,avx512vnni", lanes: 16, rows: 4,
+    avx512, "avx512f,avx512bw,avx512vnni", lanes: 16, rows: 6,
     __m512i, __m512,
     zero: _mm512_setzero_ps, splat_i32: _mm512_set1_epi32, splat_f32: _mm512_set1_ps,
     load_i: _mm512_loadu_si512, load_f: _mm512_loadu_ps, store_f: _mm512_storeu_ps,
@@ -150,7 +154,7 @@ vnni_kernel!(
 );
 
 vnni_kernel!(
-    avx, "avx2,fma,avxvnni", lanes: 8, rows: 2,
+    avx, "avx2,fma,avxvnni", lanes: 8, rows: 3,
     __m256i, __m256,
     zero: _mm256_setzero_ps, splat_i32: _mm256_set1_epi32, splat_f32: _mm256_set1_ps,
     load_i: _mm256_loadu_si256, load_f: _mm256_loadu_ps, store_f: _mm256_storeu_ps,
