@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::{Error, LayerNorm, Linear, Result, Weights, gelu_erf, softmax_last_dim};
+use super::{Error, LayerNorm, Linear, Result, Weights, attention, gelu_erf};
 
 /// The hyper-parameters of a BERT encoder (Hugging Face `config.json` field names).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -273,7 +273,6 @@ impl Bert {
         let tokens = packed.ids.len();
         let h = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
-        let head_dim = h / heads;
         let cpu = &Device::Cpu;
 
         let x = (self
@@ -289,37 +288,11 @@ impl Bert {
         )?;
         let mut x = self.embed_norm.forward(&x)?;
 
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        // [len, hidden] → [heads, len, head_dim]
-        let split = |t: &Tensor, start: usize, len: usize| -> Result<Tensor> {
-            Ok(t.narrow(0, start, len)?
-                .reshape((len, heads, head_dim))?
-                .transpose(0, 1)?
-                .contiguous()?)
-        };
         for layer in &self.layers {
             let q = layer.q.forward(&x)?;
             let k = layer.k.forward(&x)?;
             let v = layer.v.forward(&x)?;
-            let contexts = packed
-                .spans
-                .iter()
-                .map(|&(start, len)| {
-                    let (q, k, v) = (
-                        split(&q, start, len)?,
-                        split(&k, start, len)?,
-                        split(&v, start, len)?,
-                    );
-                    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-                    let probs = softmax_last_dim(&scores)?;
-                    Ok(probs
-                        .matmul(&v)?
-                        .transpose(0, 1)?
-                        .contiguous()?
-                        .reshape((len, h))?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let context = Tensor::cat(&contexts, 0)?;
+            let context = attention::attend(&q, &k, &v, &packed.spans, heads)?;
             let attended = layer
                 .attn_norm
                 .forward(&(layer.attn_out.forward(&context)? + &x)?)?;

@@ -4,6 +4,7 @@
 //! Weights are addressed by their GGUF (llama.cpp) names, whatever the source called them, so
 //! the model built from safetensors and the model loaded from an artifact are the same code.
 
+pub mod attention;
 pub mod bert;
 pub mod cores;
 pub mod mlp;
@@ -244,7 +245,18 @@ impl LayerNorm {
         })
     }
 
+    /// One pass over each row (candle's ops took nine, each allocating a tensor).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.contiguous()?.apply_op3_no_bwd(
+            &self.weight.contiguous()?,
+            &self.bias.contiguous()?,
+            &Normalize { eps: self.eps },
+        )?)
+    }
+
+    /// The same in candle's ops: what `forward` is tested against.
+    #[cfg(test)]
+    fn reference(&self, x: &Tensor) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -252,6 +264,63 @@ impl LayerNorm {
         Ok(normed
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)?)
+    }
+}
+
+/// The values of a contiguous f32 input of a custom op.
+fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: inputs must be f32");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: inputs must be contiguous");
+    };
+    Ok(&data[start..end])
+}
+
+struct Normalize {
+    eps: f64,
+}
+
+impl candle_core::CustomOp3 for Normalize {
+    fn name(&self) -> &'static str {
+        "kasmina-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let name = self.name();
+        let (x, weight, bias) = (
+            contiguous_f32(s1, l1, name)?,
+            contiguous_f32(s2, l2, name)?,
+            contiguous_f32(s3, l3, name)?,
+        );
+        let n = weight.len();
+        if n == 0 || bias.len() != n || l1.dims().last() != Some(&n) {
+            candle_core::bail!("{}: weight, bias and rows must have one width", self.name());
+        }
+        let eps = self.eps as f32;
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let mean = row.iter().sum::<f32>() / n as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(weight).zip(bias) {
+                *o = (v - mean) * inv * w + b;
+            }
+        }
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -276,13 +345,7 @@ impl candle_core::CustomOp1 for GeluErf {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("{}: input must be f32", self.name());
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{}: input must be contiguous", self.name());
-        };
-        let out = data[start..end]
+        let out = contiguous_f32(storage, layout, self.name())?
             .iter()
             .map(|&x| 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)))
             .collect();
@@ -336,6 +399,35 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layer_norm_in_one_pass_equals_candles_ops() {
+        let (rows, n) = (7, 384);
+        let values = |k: usize, scale: f32| -> Vec<f32> {
+            (0..k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * scale)
+                .collect()
+        };
+        let norm = LayerNorm {
+            weight: Tensor::from_vec(values(n, 0.02), n, &Device::Cpu).unwrap(),
+            bias: Tensor::from_vec(values(n, 0.01), n, &Device::Cpu).unwrap(),
+            eps: 1e-12,
+        };
+        let x = Tensor::from_vec(values(rows * n, 0.3), (rows, n), &Device::Cpu).unwrap();
+        // A transposed view is read in order too.
+        for x in [x.clone(), x.t().unwrap().contiguous().unwrap().t().unwrap()] {
+            let ours = norm.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            let theirs = norm.reference(&x).unwrap().to_vec2::<f32>().unwrap();
+            for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
+        let narrow = Tensor::zeros((2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            norm.forward(&narrow).is_err(),
+            "rows narrower than the weight"
+        );
+    }
 
     #[test]
     fn gelu_matches_candles_exact_form_everywhere() {
