@@ -273,7 +273,7 @@ fn read_f32s(reader: &mut impl Read, count: usize) -> Result<Vec<f32>, Error> {
 struct Forward<R> {
     inner: R,
     len: u64,
-    /// Bytes read (and hashed) so far.
+    /// Bytes read (and hashed) so far; never more than `len`.
     pos: u64,
     /// Where the next read starts.
     at: u64,
@@ -301,6 +301,10 @@ impl<R: Read> Forward<R> {
                 "GGUF read backwards",
             ));
         }
+        // Never past the length: the digest is of exactly `len` bytes.
+        if self.at > self.len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
         let mut buf = [0u8; 1 << 16];
         while self.pos < self.at {
             let want = usize::try_from(self.at - self.pos).map_or(buf.len(), |n| n.min(buf.len()));
@@ -316,7 +320,7 @@ impl<R: Read> Forward<R> {
 
     /// Hashes whatever was not read, up to the length, and returns `sha256:<hex>`.
     fn finish(mut self) -> Result<String, Error> {
-        self.at = self.len.max(self.pos);
+        self.at = self.len;
         self.catch_up().map_err(read_error)?;
         Ok(crate::crypto::sha256_digest(self.hash.finish()))
     }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 /// Errors of the forward passes and of assembling a model from weights.
 #[derive(Debug, thiserror::Error)]
@@ -257,9 +257,9 @@ impl LayerNorm {
     /// The same in candle's ops: what `forward` is tested against.
     #[cfg(test)]
     fn reference(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
+        let mean = x.mean_keepdim(candle_core::D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let var = centered.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         Ok(normed
             .broadcast_mul(&self.weight)?
@@ -372,13 +372,6 @@ fn erf(x: f32) -> f32 {
     let q = q * x2 + -7.373_329_3e-3;
     let q = q * x2 + -1.426_474e-2;
     x * p / q
-}
-
-/// Softmax over the last dimension, stable against large logits.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 /// Cosine similarity of two vectors.
