@@ -174,6 +174,19 @@ bench-controller:
 bench-matmul:
     cargo bench --bench matmul
 
+# The gateway's overhead against calling a runtime directly, and power of two choices against round robin over runtimes of unequal capacity (loopback, wrk)
+bench-gateway seconds="10": fetch-model
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk"; exit 1; }
+    cargo build --release
+    artifact=target/artifacts/minilm-q8_0
+    if [ ! -f "$artifact/manifest.json" ]; then
+        rm -rf "$artifact"
+        ./target/release/kasmina build --source "{{model_dir}}" --architecture bert --quantization q8_0 --name minilm --version 2.1.0 --out "$artifact"
+    fi
+    benches/gateway/run.sh ./target/release/kasmina "$artifact" {{seconds}}
+
 # Runtime benchmark: all-MiniLM Q8_0 served on loopback, loaded by wrk (apt-get install wrk), against ONNX Runtime int8 in-process and behind FastAPI in the same run (a pinned venv in target/bench-venv)
 bench-serve seconds="10": fetch-model
     #!/usr/bin/env bash

@@ -215,6 +215,7 @@ fn full_plan_cost() {
         artifact_store: "s3://artifacts".into(),
         artifact_store_secret: None,
         host_paths: vec![],
+        gateway_cluster_role: "kasmina-gateway".into(),
     };
     let now = Timestamp::from_second(1_800_000_000).unwrap();
     let objects: Vec<(EdgeDeployment, Observed)> = (0..1000)

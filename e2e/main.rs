@@ -33,6 +33,7 @@ scenarios! {
     autoscaling => autoscaling;
     compliance => compliance;
     gateway_route => gateway_route;
+    gateway => gateway;
     bad_input => bad_input;
     /// Kills and restarts operator replicas: `just e2e` runs it alone, after the others.
     operator_faults => faults;

@@ -9,6 +9,7 @@ pub mod api;
 pub mod artifact;
 pub mod controller;
 pub mod crypto;
+pub mod gateway;
 pub mod manifests;
 pub mod model;
 pub mod plugin;

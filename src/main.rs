@@ -9,7 +9,7 @@ use kasmina::artifact::prune::Pruning;
 use kasmina::artifact::{self, BuildOptions};
 use kasmina::crypto::{EncryptionKey, SigningKey, VerifyingKey};
 use kasmina::telemetry::{self, LogFormat};
-use kasmina::{controller, manifests, runtime};
+use kasmina::{controller, gateway, manifests, runtime};
 
 /// Kasmina takes ML models to production on edge and cluster nodes: it builds artifacts sized
 /// for the device, serves them, rolls out new versions with analysis, autoscales on cognitive
@@ -30,7 +30,7 @@ enum Command {
     /// Run the operator: the EdgeDeployment, ScalingPolicy and ComplianceProfile controllers,
     /// with leader election, metrics and health endpoints. Uses the in-cluster config or
     /// KUBECONFIG.
-    Controller(controller::Config),
+    Controller(Box<controller::Config>),
 
     /// Print the CustomResourceDefinitions generated from the Rust types.
     Crdgen {
@@ -63,6 +63,11 @@ enum Command {
     /// decrypt, load, then serve with dynamic batching, backpressure, metrics and optional
     /// JWT authentication; drain on SIGTERM.
     Serve(Box<runtime::Options>),
+
+    /// Route an EdgeDeployment's requests (OIP v2) to its revisions: exact canary weights, a
+    /// header to pin a revision, load-aware balancing over the ready pods, one retry on another
+    /// pod; drain on SIGTERM.
+    Gateway(Box<gateway::Options>),
 
     /// Issue a JWT for a model: signed with a PEM private key (Ed25519, P-256, RSA) or a
     /// shared-secret file, for an audience and a lifetime. Prints the token.
@@ -120,13 +125,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_tracing(cli.log_format);
     let result = match cli.command {
-        Command::Controller(config) => run_controller(config),
+        Command::Controller(config) => run_controller(*config),
         Command::Crdgen { out_dir } => crdgen(&out_dir),
         Command::Validate { files } => validate(&files),
         Command::Build(args) => build(args),
         Command::Verify(args) => verify(&args),
         Command::Keygen { out, encryption } => keygen(&out, encryption),
         Command::Serve(options) => serve(*options),
+        Command::Gateway(options) => run_service(async {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(telemetry::cancel_on_signal(shutdown.clone()));
+            gateway::run(*options, shutdown).await
+        }),
         Command::DeleteArtifacts { uris } => delete_artifacts(&uris),
         Command::OwnStore { owner, paths } => own_store(&paths, owner),
         Command::Token {

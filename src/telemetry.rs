@@ -115,6 +115,46 @@ pub async fn serve(
         .await
 }
 
+/// Why a draining server stopped before its requests were done.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("serving: {0}")]
+    Serve(std::io::Error),
+    #[error("drain timed out after {0:?} with requests still running")]
+    Timeout(std::time::Duration),
+}
+
+/// Serves `app` until `shutdown` fires, then drains: readiness turns false, requests are still
+/// taken for `drain_delay` (endpoints drop the pod meanwhile), then the listener closes and
+/// the requests in flight get `drain_timeout` to finish. The runtime and the gateway stop so.
+pub async fn serve_draining(
+    listener: TcpListener,
+    app: Router,
+    health: Arc<Health>,
+    drain_delay: std::time::Duration,
+    drain_timeout: std::time::Duration,
+    shutdown: CancellationToken,
+) -> Result<(), DrainError> {
+    let signal = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            health.set_ready(false);
+            tracing::info!(?drain_delay, "draining: readiness is false");
+            tokio::time::sleep(drain_delay).await;
+        }
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(drain_delay + drain_timeout).await;
+    };
+    tokio::select! {
+        result = server => result.map_err(DrainError::Serve),
+        () = deadline => Err(DrainError::Timeout(drain_timeout)),
+    }
+}
+
 /// Cancels `token` on SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C); a second
 /// signal ends the process at once, without waiting for the drain.
 pub async fn cancel_on_signal(token: CancellationToken) {

@@ -80,16 +80,37 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// (group, resource, verb) of each permission a table lists.
+fn permission_set(table: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String)> {
+    table
+        .iter()
+        .flat_map(|(g, r, verbs)| {
+            verbs
+                .iter()
+                .map(|v| (g.to_string(), r.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
 #[test]
 fn rbac_is_exactly_what_the_code_uses() {
     let Some(helm) = helm() else { return };
     // With one namespace for EdgeDeployments' keys, so that every permission is rendered.
     let docs = render(&helm, &["--set", "keys.namespaces={ml}"]);
     let mut granted = BTreeSet::new();
+    let mut gateway = BTreeSet::new();
     for role in of_kind(&docs, "ClusterRole")
         .into_iter()
         .chain(of_kind(&docs, "Role"))
     {
+        let is_gateway = role["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n.ends_with("-gateway"));
+        let granted = if is_gateway {
+            &mut gateway
+        } else {
+            &mut granted
+        };
         for rule in role["rules"].as_array().unwrap() {
             for field in ["apiGroups", "resources", "verbs"] {
                 assert!(
@@ -107,18 +128,18 @@ fn rbac_is_exactly_what_the_code_uses() {
             }
         }
     }
-    let needed: BTreeSet<(String, String, String)> = PERMISSIONS
-        .iter()
-        .flat_map(|(g, r, verbs)| {
-            verbs
-                .iter()
-                .map(|v| (g.to_string(), r.to_string(), v.to_string()))
-        })
-        .collect();
+    let needed = permission_set(PERMISSIONS);
     assert_eq!(
         granted, needed,
         "the chart's RBAC and controller::PERMISSIONS differ"
     );
+    let gateway_needs = permission_set(kasmina::gateway::PERMISSIONS);
+    assert_eq!(
+        gateway, gateway_needs,
+        "the chart's gateway ClusterRole and gateway::PERMISSIONS differ"
+    );
+    // The controller may grant it: it holds every permission of the role it binds.
+    assert!(gateway_needs.is_subset(&needed));
     // The Lease permission is namespaced, not cluster-wide.
     let role = of_kind(&docs, "Role")[0];
     assert_eq!(role["metadata"]["namespace"], "kasmina-system");

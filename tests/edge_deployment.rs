@@ -229,6 +229,7 @@ impl Cluster {
             artifact_store: "s3://artifacts".into(),
             artifact_store_secret: None,
             host_paths: vec![],
+            gateway_cluster_role: "kasmina-gateway".into(),
         };
         let (children, writers) = ChildCaches::new();
         let mut ctx = EdgeContext::new(base, settings, children);

@@ -220,6 +220,10 @@ async fn every_oip_route_answers_as_the_protocol_says() {
         assert_eq!(v["id"], "r");
         assert_eq!(v["outputs"][0]["shape"], json!([1, 4]));
         assert!(r.headers["server-timing"].starts_with("total;dur="));
+        // Held work (none left once answered) over capacity, for the gateway's balancer.
+        let (held, capacity) = r.headers["kasmina-load"].split_once('/').unwrap();
+        assert_eq!(held, "0");
+        assert!(capacity.parse::<u32>().unwrap() >= 1);
         let served: Vec<f32> = serde_json::from_value(v["outputs"][0]["data"].clone()).unwrap();
         assert_eq!(served, direct[0]);
     }

@@ -5,6 +5,7 @@ pub mod bad_input;
 pub mod blue_green;
 pub mod compliance;
 pub mod faults;
+pub mod gateway;
 pub mod gateway_route;
 pub mod install;
 pub mod lifecycle;

@@ -200,8 +200,14 @@ impl Traffic {
     }
 
     /// Stops the clients after their current request and adds up what they met.
-    pub async fn stop(mut self) -> Tally {
+    pub async fn stop(self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
+        self.finish().await
+    }
+
+    /// Waits until the clients reach their bounds (requests or duration) and adds up what
+    /// they met.
+    pub async fn finish(mut self) -> Tally {
         let mut total = Tally::default();
         while let Some(done) = self.tasks.join_next().await {
             total.merge(done.expect("a traffic client"));

@@ -347,8 +347,8 @@ pub struct CanaryStrategy {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.replicaRatio) != has(self.gatewayAPI)",
-    "message": "set exactly one of replicaRatio or gatewayAPI"
+    "rule": "[has(self.replicaRatio), has(self.gatewayAPI), has(self.gateway)].filter(x, x).size() == 1",
+    "message": "set exactly one of replicaRatio, gatewayAPI or gateway"
 }]))]
 pub struct TrafficRouting {
     /// Split by the number of replicas of each revision behind one Service; needs no mesh.
@@ -362,6 +362,12 @@ pub struct TrafficRouting {
         skip_serializing_if = "Option::is_none"
     )]
     pub gateway_api: Option<GatewayApiRouting>,
+
+    /// Split by Kasmina's own gateway (`kasmina gateway`), which the operator runs in front
+    /// of the revisions: exact weights whatever the replica counts, a request header to pin a
+    /// revision, load-aware balancing across pods. The EdgeDeployment's Service points at it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayRouting>,
 }
 
 impl Default for TrafficRouting {
@@ -369,8 +375,51 @@ impl Default for TrafficRouting {
         Self {
             replica_ratio: Some(ReplicaRatio {}),
             gateway_api: None,
+            gateway: None,
         }
     }
+}
+
+/// Traffic split and balanced by `kasmina gateway`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayRouting {
+    /// How the gateway picks a pod of the chosen revision. Default: PowerOfTwoChoices.
+    #[serde(default)]
+    pub balancing: Balancing,
+
+    /// Gateway pods (each holds the whole split; two survive losing a node). Default 1.
+    #[serde(default = "one_gateway", skip_serializing_if = "is_one_gateway")]
+    #[schemars(range(min = 1, max = 16))]
+    pub replicas: i32,
+}
+
+impl Default for GatewayRouting {
+    fn default() -> Self {
+        Self {
+            balancing: Balancing::default(),
+            replicas: one_gateway(),
+        }
+    }
+}
+
+fn one_gateway() -> i32 {
+    1
+}
+
+fn is_one_gateway(n: &i32) -> bool {
+    *n == 1
+}
+
+/// How the gateway balances one revision's requests over its ready pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Balancing {
+    /// The less loaded of two random pods, by the requests the gateway has outstanding on each
+    /// and the cognitive load each runtime reports, against its capacity.
+    #[default]
+    PowerOfTwoChoices,
+    /// Every pod in turn, whatever its load (for comparison).
+    RoundRobin,
 }
 
 /// Traffic split by replica counts. No settings.
@@ -955,10 +1004,23 @@ fn validate_canary(canary: &CanaryStrategy, errors: &mut FieldErrors) -> bool {
         errors.push("spec.strategy.canary.steps", "needs at least one step");
     }
     let routing = &canary.traffic_routing;
-    if routing.replica_ratio.is_some() == routing.gateway_api.is_some() {
+    let routers = [
+        routing.replica_ratio.is_some(),
+        routing.gateway_api.is_some(),
+        routing.gateway.is_some(),
+    ];
+    if routers.iter().filter(|set| **set).count() != 1 {
         errors.push(
             "spec.strategy.canary.trafficRouting",
-            "set exactly one of replicaRatio or gatewayAPI",
+            "set exactly one of replicaRatio, gatewayAPI or gateway",
+        );
+    }
+    if let Some(gateway) = &routing.gateway
+        && !(1..=16).contains(&gateway.replicas)
+    {
+        errors.push(
+            "spec.strategy.canary.trafficRouting.gateway.replicas",
+            format!("{} is outside 1–16", gateway.replicas),
         );
     }
     let mut previous: Option<(usize, i32)> = None;

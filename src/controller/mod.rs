@@ -95,6 +95,15 @@ pub struct Config {
     )]
     pub host_paths: Vec<String>,
 
+    /// The ClusterRole bound, in an EdgeDeployment's namespace, to the ServiceAccount of its
+    /// gateway (`trafficRouting.gateway`): get/list/watch EdgeDeployments, list/watch pods.
+    #[arg(
+        long,
+        env = "KASMINA_GATEWAY_CLUSTER_ROLE",
+        default_value = "kasmina-gateway"
+    )]
+    pub gateway_cluster_role: String,
+
     /// Hosts a ScalingPolicy's Prometheus `serverAddress` may name (comma-separated; exact
     /// names or `*.suffix`). Empty: no Prometheus metric is queried.
     #[arg(long, env = "KASMINA_PROMETHEUS_HOSTS", value_delimiter = ',')]
@@ -237,6 +246,15 @@ pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("", "pods", &["list", "watch"]),
     // `optimization.profile: auto` plans for the smallest selected node.
     ("", "nodes", &["list"]),
+    // A gateway's ServiceAccount and its RoleBinding to the gateway ClusterRole (bind: that
+    // role only).
+    ("", "serviceaccounts", &["create", "patch", "delete"]),
+    (
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        &["create", "patch", "delete"],
+    ),
+    ("rbac.authorization.k8s.io", "clusterroles", &["bind"]),
     // Canary weights through a user's HTTPRoute.
     (
         "gateway.networking.k8s.io",
@@ -405,6 +423,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             artifact_store: config.artifact_store.clone(),
             artifact_store_secret: config.artifact_store_secret.clone(),
             host_paths: config.host_paths.clone(),
+            gateway_cluster_role: config.gateway_cluster_role.clone(),
         },
         prometheus_hosts: config.prometheus_hosts.clone(),
         concurrency: config.max_concurrent_reconciles,

@@ -210,6 +210,12 @@ impl Load {
         held.max(0) as f64 / self.capacity.get().max(1) as f64
     }
 
+    /// (in-flight + queued, capacity): what the `kasmina-load` response header reports.
+    pub fn held_of_capacity(&self) -> (i64, i64) {
+        let held = self.queued.load(Ordering::SeqCst) + self.inflight.load(Ordering::SeqCst);
+        (held.max(0), self.capacity.get().max(1))
+    }
+
     pub fn queued(&self) -> i64 {
         self.queued.load(Ordering::SeqCst)
     }

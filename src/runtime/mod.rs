@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::duration::Duration as KubeDuration;
 use crate::model::q8::Kernel;
-use crate::telemetry::Health;
+use crate::telemetry::{DrainError, Health};
 use batch::{BatchConfig, Batcher};
 use load::{InfoLabels, Load};
 use served::{OpenOptions, ServedModel};
@@ -351,26 +351,19 @@ pub async fn serve(
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, model = %model.name, "serving");
 
-    let drain_delay = limits.drain_delay;
-    let signal = {
-        let shutdown = shutdown.clone();
-        let health = health.clone();
-        async move {
-            shutdown.cancelled().await;
-            health.set_ready(false);
-            tracing::info!(?drain_delay, "draining: readiness is false");
-            tokio::time::sleep(drain_delay).await;
-        }
-    };
-    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
-    let deadline = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(drain_delay + limits.drain_timeout).await;
-    };
-    tokio::select! {
-        result = server => result.map_err(Error::Serve)?,
-        () = deadline => return Err(Error::DrainTimeout(limits.drain_timeout)),
-    }
+    crate::telemetry::serve_draining(
+        listener,
+        app,
+        health,
+        limits.drain_delay,
+        limits.drain_timeout,
+        shutdown,
+    )
+    .await
+    .map_err(|e| match e {
+        DrainError::Serve(e) => Error::Serve(e),
+        DrainError::Timeout(t) => Error::DrainTimeout(t),
+    })?;
     // Every connection is closed, so every batcher handle is gone; the collector finishes
     // what is left.
     let _ = collector.await;

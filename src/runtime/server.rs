@@ -113,6 +113,9 @@ pub fn router(state: State, limits: &Limits) -> Router {
         .with_state(state)
 }
 
+/// The response header with the replica's load: `<in-flight + queued>/<capacity>`.
+pub const LOAD_HEADER: &str = "kasmina-load";
+
 /// Counts and times every inference request, whatever answered it (auth, shedding, timeout),
 /// and tells the client the server-side time.
 async fn record(Extract(state): Extract<State>, request: Request, next: Next) -> Response {
@@ -136,6 +139,12 @@ async fn record(Extract(state): Extract<State>, request: Request, next: Next) ->
         // or load generator can tell server time from network time.
         if let Ok(value) = HeaderValue::from_str(&format!("total;dur={:.3}", seconds * 1e3)) {
             response.headers_mut().insert("server-timing", value);
+        }
+        // The replica's cognitive load as it answers (work held / capacity), so a gateway
+        // balances on what each pod holds from every caller, not only its own requests.
+        let (held, capacity) = state.load.held_of_capacity();
+        if let Ok(value) = HeaderValue::from_str(&format!("{held}/{capacity}")) {
+            response.headers_mut().insert(LOAD_HEADER, value);
         }
     }
     response

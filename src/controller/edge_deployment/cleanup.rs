@@ -124,6 +124,7 @@ mod tests {
             artifact_store: "s3://artifacts".into(),
             artifact_store_secret: Some("store".into()),
             host_paths: vec![],
+            gateway_cluster_role: "kasmina-gateway".into(),
         }
     }
 

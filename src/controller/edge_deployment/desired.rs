@@ -5,13 +5,15 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::ResourceExt;
 use serde_json::Value;
 
-use super::names::{self, REVISION_LABEL};
+use super::gateway::{self, GATEWAY_COMPONENT};
+use super::names::{self, COMPONENT_LABEL, REVISION_LABEL};
 use super::observed::Observed;
-use super::replicas::{gateway_route, replica_ratio, replicas_for};
+use super::replicas::{gateway_route, kasmina_gateway, replica_ratio, replicas_for};
 use super::rollout::State;
 use super::traffic;
 use super::workload::{self, Settings};
@@ -30,6 +32,11 @@ pub struct Desired {
     pub route_update: Option<(String, Value)>,
     /// Why the weights could not be put on the route: (Event reason, message).
     pub route_problem: Option<(&'static str, String)>,
+    /// The gateway's ServiceAccount and RoleBinding, applied with its Deployment (before it,
+    /// so its pods start with their permissions).
+    pub gateway_access: Option<(ServiceAccount, RoleBinding)>,
+    /// The gateway is no longer asked for: the name of its ServiceAccount and RoleBinding.
+    pub delete_gateway_access: Option<String>,
 }
 
 /// The children of `ed` in rollout state `next`, with `live` the revisions that keep pods.
@@ -64,9 +71,31 @@ pub fn children(
             out.deployments.push(desired);
         }
     }
+    let wants_gateway = kasmina_gateway(&ed.spec);
+    if let Some(routing) = wants_gateway {
+        let desired = gateway::deployment(settings, ed, routing, &seen.allowed_regions);
+        if !seen
+            .deployments
+            .iter()
+            .any(|d| d.name_any() == desired.name_any() && workload::up_to_date(d, &desired))
+        {
+            out.gateway_access = Some(gateway::access(settings, ed));
+            out.deployments.push(desired);
+        }
+    }
     for d in &seen.deployments {
+        if d.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if d.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(GATEWAY_COMPONENT) {
+            if wants_gateway.is_none() {
+                out.delete_deployments.push(d.name_any());
+                out.delete_gateway_access = Some(gateway::gateway_name(ed));
+            }
+            continue;
+        }
         let rev = d.labels().get(REVISION_LABEL);
-        if rev.is_none_or(|r| !live.contains(r)) && d.metadata.deletion_timestamp.is_none() {
+        if rev.is_none_or(|r| !live.contains(r)) {
             out.delete_deployments.push(d.name_any());
         }
     }
@@ -109,15 +138,14 @@ fn desired_services(ed: &EdgeDeployment, s: &State) -> Vec<Service> {
     let name = ed.name_any();
     let serving = s.stable.as_deref().or(s.candidate.as_deref());
     let newest = s.candidate.as_deref().or(s.stable.as_deref());
-    let mut out = vec![workload::service(
-        ed,
-        name.clone(),
-        if replica_ratio(&ed.spec) {
-            None
-        } else {
-            serving
-        },
-    )];
+    let front = if kasmina_gateway(&ed.spec).is_some() {
+        gateway::service(ed)
+    } else if replica_ratio(&ed.spec) {
+        workload::service(ed, name.clone(), None)
+    } else {
+        workload::service(ed, name.clone(), serving)
+    };
+    let mut out = vec![front];
     match ed.spec.strategy.type_ {
         StrategyType::BlueGreen => {
             out.push(workload::service(ed, format!("{name}-preview"), newest))

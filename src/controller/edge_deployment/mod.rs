@@ -5,6 +5,7 @@ pub mod build;
 pub mod cleanup;
 pub mod conditions;
 pub mod desired;
+pub mod gateway;
 pub mod names;
 pub mod observed;
 pub mod plan;

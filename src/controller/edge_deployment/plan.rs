@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -15,7 +16,7 @@ use serde_json::Value;
 use super::analysis;
 use super::build::{self, Build};
 use super::desired;
-use super::readiness::{achieved_weight, counts, deployment_ready};
+use super::readiness::{achieved_weight, counts, deployment_ready, gateway_ready};
 use super::replicas::{live_revisions, replicas_for};
 use super::retention;
 use super::rollout::{self, Command, Outcome, Seconds, State, Strategy};
@@ -77,6 +78,9 @@ pub struct Plan {
     /// The HTTPRoute with this EdgeDeployment's backend weights changed, to replace under its
     /// resourceVersion: (route name, route).
     pub route_update: Option<(String, Value)>,
+    /// The gateway's ServiceAccount and RoleBinding to apply, and the name of those to delete.
+    pub gateway_access: Option<(ServiceAccount, RoleBinding)>,
+    pub delete_gateway_access: Option<String>,
     /// Command annotation to remove from the object.
     pub consume: Option<String>,
     pub requeue: Duration,
@@ -92,6 +96,8 @@ impl Plan {
             && self.delete_deployments.is_empty()
             && self.delete_services.is_empty()
             && self.route_update.is_none()
+            && self.gateway_access.is_none()
+            && self.delete_gateway_access.is_none()
             && self.consume.is_none())
     }
 }
@@ -362,6 +368,8 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
     plan.services = desired.services;
     plan.delete_services = desired.delete_services;
     plan.route_update = desired.route_update;
+    plan.gateway_access = desired.gateway_access;
+    plan.delete_gateway_access = desired.delete_gateway_access;
     let route_problem = desired.route_problem;
 
     // 4. Status: retention, the rollout as recorded, counts, phase and conditions.
@@ -404,7 +412,8 @@ pub fn plan(ed: &EdgeDeployment, seen: &Observed, settings: &Settings, now: Time
     let stable_ready = next
         .stable
         .as_deref()
-        .is_some_and(|s| deployment_ready(ed, seen, s, replicas_for(ed, &next, s)));
+        .is_some_and(|s| deployment_ready(ed, seen, s, replicas_for(ed, &next, s)))
+        && gateway_ready(ed, seen);
     let phase = conditions::phase(&build, decision.phase, stable_ready);
     status.phase = Some(phase);
     let facts = conditions::Facts {
@@ -505,6 +514,7 @@ pub(crate) mod tests {
             artifact_store: "s3://artifacts".into(),
             artifact_store_secret: None,
             host_paths: vec!["/models".into()],
+            gateway_cluster_role: "kasmina-gateway".into(),
         }
     }
 
@@ -1127,6 +1137,72 @@ pub(crate) mod tests {
                     && e.message.contains("gatewayAPI.rule")),
             "{:?}",
             w.events
+        );
+    }
+
+    #[test]
+    fn kasmina_gateway_routing_runs_a_gateway_the_service_points_at_with_exact_weights() {
+        let mut ed = sample();
+        canary_spec(&mut ed);
+        ed.spec.strategy.canary.as_mut().unwrap().traffic_routing =
+            serde_json::from_value(serde_json::json!({"gateway": {}})).unwrap();
+        let mut w = World::new(ed);
+        let mut access = w.reconcile().gateway_access;
+        w.finish_build(true, SUMMARY);
+        for _ in 0..20 {
+            w.settle();
+            let before = w.writes;
+            let plan = w.reconcile();
+            access = access.or(plan.gateway_access);
+            if w.writes == before {
+                break;
+            }
+        }
+        let (account, binding) = access.expect("the gateway's ServiceAccount and RoleBinding");
+        assert_eq!(account.name_any(), "sentiment-gateway");
+        assert_eq!(binding.role_ref.name, "kasmina-gateway");
+        assert_eq!(w.selector("sentiment")[names::COMPONENT_LABEL], "gateway");
+        assert!(
+            w.replicas().contains(&("sentiment-gateway".to_owned(), 1)),
+            "{:?}",
+            w.replicas()
+        );
+        assert_eq!(w.status().phase, Some(Phase::Healthy));
+        // Not Ready while the gateway has no available pod: callers reach pods through it.
+        let gateway = w
+            .seen
+            .deployments
+            .iter_mut()
+            .find(|d| d.name_any() == "sentiment-gateway")
+            .unwrap();
+        gateway.status.as_mut().unwrap().available_replicas = Some(0);
+        w.reconcile();
+        assert_ne!(w.status().phase, Some(Phase::Healthy));
+        w.converge();
+        // A new version at 20 %: the weight is the gateway's; the canary runs its share of pods
+        // and the gateway is neither redeployed nor deleted.
+        w.build_version("2.2.0");
+        w.converge();
+        assert_eq!(w.status().canary_weight, Some(20));
+        let rollout = w.status().rollout.clone().unwrap();
+        assert_eq!(rollout.weight, 20);
+        assert!(w.replicas().iter().any(|(n, _)| n == "sentiment-gateway"));
+        // Routing by replica ratio again: the gateway and its access go.
+        w.ed.spec.strategy.canary.as_mut().unwrap().traffic_routing = Default::default();
+        let plan = w.reconcile();
+        assert!(
+            plan.delete_deployments
+                .contains(&"sentiment-gateway".to_owned())
+        );
+        assert_eq!(
+            plan.delete_gateway_access.as_deref(),
+            Some("sentiment-gateway")
+        );
+        assert_ne!(
+            w.selector("sentiment")
+                .get(names::COMPONENT_LABEL)
+                .map(String::as_str),
+            Some("gateway")
         );
     }
 

@@ -5,14 +5,24 @@ use std::collections::BTreeSet;
 
 use kube::ResourceExt;
 
+use super::gateway::gateway_name;
 use super::names::{REVISION_LABEL, deployment_name};
 use super::observed::Observed;
-use super::replicas::replica_ratio;
+use super::replicas::{kasmina_gateway, replica_ratio};
 use super::rollout::State;
 use crate::api::edge_deployment::EdgeDeployment;
 
 pub fn deployment_ready(ed: &EdgeDeployment, seen: &Observed, rev: &str, want: i32) -> bool {
-    let name = deployment_name(ed, rev);
+    rolled_out(seen, &deployment_name(ed, rev), want)
+}
+
+/// Whether the gateway (`trafficRouting.gateway`) runs its replicas: callers reach the
+/// revisions through it, so the EdgeDeployment is not Ready before it is. True without one.
+pub fn gateway_ready(ed: &EdgeDeployment, seen: &Observed) -> bool {
+    kasmina_gateway(&ed.spec).is_none_or(|g| rolled_out(seen, &gateway_name(ed), g.replicas))
+}
+
+fn rolled_out(seen: &Observed, name: &str, want: i32) -> bool {
     seen.deployments.iter().any(|d| {
         let spec_replicas = d.spec.replicas.unwrap_or(1);
         let Some(st) = d.status.as_ref() else {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
     PostParams,
@@ -264,6 +265,8 @@ struct Children<'a> {
     deployments: &'a Api<Deployment>,
     services: &'a Api<Service>,
     routes: &'a Api<DynamicObject>,
+    accounts: &'a Api<ServiceAccount>,
+    bindings: &'a Api<RoleBinding>,
     ns: &'a str,
 }
 
@@ -272,6 +275,10 @@ impl Children<'_> {
     async fn apply(&self, plan: &plan::Plan) -> Result<(), Error> {
         for job in &plan.jobs {
             apply(self.jobs, job, self.ns).await?;
+        }
+        if let Some((account, binding)) = &plan.gateway_access {
+            apply(self.accounts, account, self.ns).await?;
+            apply(self.bindings, binding, self.ns).await?;
         }
         for d in &plan.deployments {
             apply(self.deployments, d, self.ns).await?;
@@ -292,6 +299,10 @@ impl Children<'_> {
         }
         for j in &plan.delete_jobs {
             delete(self.jobs, j, self.ns).await?;
+        }
+        if let Some(name) = &plan.delete_gateway_access {
+            delete(self.bindings, name, self.ns).await?;
+            delete(self.accounts, name, self.ns).await?;
         }
         Ok(())
     }
@@ -458,6 +469,8 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
         deployments: &deployments,
         services: &services,
         routes: &routes,
+        accounts: &Api::namespaced(client.clone(), &ns),
+        bindings: &Api::namespaced(client.clone(), &ns),
         ns: &ns,
     };
     if let Err(error) = children.apply(&plan).await {

@@ -7,23 +7,31 @@ use super::rollout::{Seconds, State};
 use super::rollout_status::to_state;
 use super::traffic;
 use crate::api::edge_deployment::{
-    EdgeDeployment, EdgeDeploymentSpec, GatewayApiRouting, StrategyType,
+    EdgeDeployment, EdgeDeploymentSpec, GatewayApiRouting, GatewayRouting, StrategyType,
+    TrafficRouting,
 };
 
-pub fn gateway_route(spec: &EdgeDeploymentSpec) -> Option<&GatewayApiRouting> {
+/// A canary's traffic routing (None for the other strategies).
+fn canary_routing(spec: &EdgeDeploymentSpec) -> Option<&TrafficRouting> {
     if spec.strategy.type_ != StrategyType::Canary {
         return None;
     }
-    spec.strategy
-        .canary
-        .as_ref()?
-        .traffic_routing
-        .gateway_api
-        .as_ref()
+    Some(&spec.strategy.canary.as_ref()?.traffic_routing)
+}
+
+pub fn gateway_route(spec: &EdgeDeploymentSpec) -> Option<&GatewayApiRouting> {
+    canary_routing(spec)?.gateway_api.as_ref()
+}
+
+/// `trafficRouting.gateway`: Kasmina's gateway splits and balances.
+pub fn kasmina_gateway(spec: &EdgeDeploymentSpec) -> Option<&GatewayRouting> {
+    canary_routing(spec)?.gateway.as_ref()
 }
 
 pub fn replica_ratio(spec: &EdgeDeploymentSpec) -> bool {
-    spec.strategy.type_ == StrategyType::Canary && gateway_route(spec).is_none()
+    spec.strategy.type_ == StrategyType::Canary
+        && gateway_route(spec).is_none()
+        && kasmina_gateway(spec).is_none()
 }
 
 /// Replicas of `rev`'s Deployment in state `s`.

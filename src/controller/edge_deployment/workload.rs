@@ -42,6 +42,8 @@ pub struct Settings {
     /// Folders on the nodes that a `file://` model source may name (it is mounted into the
     /// build pod); the artifact store's own folder is always allowed.
     pub host_paths: Vec<String>,
+    /// The ClusterRole a gateway's ServiceAccount is bound to in its namespace.
+    pub gateway_cluster_role: String,
 }
 
 impl Settings {
@@ -100,7 +102,7 @@ pub fn artifact_uri(settings: &Settings, ed: &EdgeDeployment, revision: &str) ->
     )
 }
 
-fn labels(
+pub(super) fn labels(
     ed: &EdgeDeployment,
     revision: Option<&str>,
     component: &str,
@@ -123,7 +125,11 @@ fn owner(ed: &EdgeDeployment) -> Vec<OwnerReference> {
     ed.controller_owner_ref(&()).into_iter().collect()
 }
 
-fn meta(ed: &EdgeDeployment, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+pub(super) fn meta(
+    ed: &EdgeDeployment,
+    name: String,
+    labels: BTreeMap<String, String>,
+) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: ed.namespace(),
@@ -423,7 +429,7 @@ fn run_once(
     })
 }
 
-fn probe(path: &str, period: i32) -> Probe {
+pub(super) fn probe(path: &str, period: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -579,8 +585,18 @@ pub fn service(ed: &EdgeDeployment, name: String, revision: Option<&str>) -> Ser
     if let Some(rev) = revision {
         selector.insert(REVISION_LABEL.to_owned(), rev.to_owned());
     }
+    http_service(ed, name, RUNTIME_COMPONENT, selector)
+}
+
+/// A Service named `name` of `component`, over the pods `selector` matches, on the HTTP port.
+pub(super) fn http_service(
+    ed: &EdgeDeployment,
+    name: String,
+    component: &str,
+    selector: BTreeMap<String, String>,
+) -> Service {
     stamp(Service {
-        metadata: meta(ed, name, labels(ed, None, RUNTIME_COMPONENT)),
+        metadata: meta(ed, name, labels(ed, None, component)),
         spec: Some(ServiceSpec {
             selector: Some(selector),
             ports: Some(vec![ServicePort {
@@ -609,6 +625,7 @@ mod tests {
             artifact_store: "s3://artifacts/kasmina/".into(),
             artifact_store_secret: Some("artifact-store".into()),
             host_paths: vec!["/models".into()],
+            gateway_cluster_role: "kasmina-gateway".into(),
         }
     }
 

@@ -1,0 +1,205 @@
+//! The gateway's view of the cluster: its EdgeDeployment (for the split its rollout status
+//! holds) and that EdgeDeployment's runtime pods (for who is ready where), each one watch;
+//! every change rebuilds the routing table.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+use super::proxy::Gateway;
+use super::routes::Split;
+use crate::api::EdgeDeployment;
+use crate::controller::edge_deployment::names::{REVISION_LABEL, RUNTIME_PORT, runtime_selector};
+
+/// The split an EdgeDeployment's rollout status asks for.
+pub fn split_of(ed: &EdgeDeployment) -> Split {
+    let rollout = ed.status.as_ref().and_then(|s| s.rollout.as_ref());
+    Split {
+        stable: rollout.and_then(|r| r.stable.clone()),
+        canary: rollout.and_then(|r| r.candidate.clone()),
+        weight: rollout.map_or(0, |r| r.weight.min(100)),
+    }
+}
+
+/// Whether a pod takes requests: Ready, with an IP, and not terminating (a terminating pod
+/// drains what it holds, and new requests go elsewhere at once).
+pub fn routable(pod: &Pod) -> Option<IpAddr> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    if !ready {
+        return None;
+    }
+    status.pod_ip.as_deref()?.parse().ok()
+}
+
+/// Ready pods by revision, each by name and address, in name order.
+pub fn ready_pods(pods: &[Arc<Pod>], port: u16) -> BTreeMap<String, Vec<(String, SocketAddr)>> {
+    let mut out: BTreeMap<String, Vec<(String, SocketAddr)>> = BTreeMap::new();
+    for pod in pods {
+        let (Some(revision), Some(ip)) = (pod.labels().get(REVISION_LABEL), routable(pod)) else {
+            continue;
+        };
+        out.entry(revision.clone())
+            .or_default()
+            .push((pod.name_any(), SocketAddr::new(ip, port)));
+    }
+    for pods in out.values_mut() {
+        pods.sort();
+    }
+    out
+}
+
+/// Keeps `gateway`'s table current until `stop`; readiness turns true once both watches have
+/// listed what exists.
+pub async fn follow(
+    client: Client,
+    namespace: String,
+    name: String,
+    gateway: Arc<Gateway>,
+    stop: CancellationToken,
+) {
+    let (eds, ed_writer) = reflector::store::<EdgeDeployment>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let ed_events = watcher(
+        Api::<EdgeDeployment>::namespaced(client.clone(), &namespace),
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+    )
+    .default_backoff()
+    .reflect(ed_writer)
+    .map(|_| ());
+    let pod_events = watcher(
+        Api::<Pod>::namespaced(client, &namespace),
+        watcher::Config::default().labels(&runtime_selector(&name, None)),
+    )
+    .default_backoff()
+    .modify(|pod| {
+        pod.metadata.managed_fields = None;
+        pod.spec = None;
+    })
+    .reflect(pod_writer)
+    .map(|_| ());
+    let mut events = std::pin::pin!(futures::stream::select(ed_events, pod_events));
+    let synced = {
+        let (eds, pods) = (eds.clone(), pods.clone());
+        async move {
+            let _ = eds.wait_until_ready().await;
+            let _ = pods.wait_until_ready().await;
+        }
+    };
+    tokio::pin!(synced);
+    let mut ready = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = &mut synced, if !ready => {
+                ready = true;
+                rebuild(&gateway, &eds, &pods);
+                gateway.health.set_ready(true);
+                tracing::info!(edge_deployment = %name, "routes synced");
+            }
+            event = events.next() => {
+                if event.is_none() {
+                    return;
+                }
+                if ready {
+                    rebuild(&gateway, &eds, &pods);
+                }
+            }
+        }
+    }
+}
+
+fn rebuild(gateway: &Gateway, eds: &Store<EdgeDeployment>, pods: &Store<Pod>) {
+    let split = eds
+        .state()
+        .first()
+        .map(|ed| split_of(ed))
+        .unwrap_or_default();
+    let ready = ready_pods(&pods.state(), RUNTIME_PORT as u16);
+    let table = gateway.table().next(split, ready);
+    if table.split != gateway.table().split {
+        tracing::info!(split = ?table.split, "split changed");
+    }
+    gateway.set_table(table);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, rev: &str, ip: &str, ready: &str, deleting: bool) -> Arc<Pod> {
+        let mut p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {REVISION_LABEL: rev}},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}
+        }))
+        .unwrap();
+        if deleting {
+            p.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap(),
+                ));
+        }
+        Arc::new(p)
+    }
+
+    #[test]
+    fn only_ready_pods_with_an_ip_that_are_not_leaving_take_requests() {
+        let pods = vec![
+            pod("b", "r1", "10.0.0.2", "True", false),
+            pod("a", "r1", "10.0.0.1", "True", false),
+            pod("c", "r1", "10.0.0.3", "False", false),
+            pod("d", "r2", "10.0.0.4", "True", true),
+            pod("e", "r2", "", "True", false),
+            pod("f", "r3", "10.0.0.6", "True", false),
+        ];
+        let ready = ready_pods(&pods, 8080);
+        let names = |rev: &str| -> Vec<String> {
+            ready
+                .get(rev)
+                .map(|p| p.iter().map(|(n, _)| n.clone()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(names("r1"), ["a", "b"]);
+        assert!(names("r2").is_empty());
+        assert_eq!(ready["r3"][0].1, "10.0.0.6:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn the_split_is_the_rollout_status() {
+        let ed: EdgeDeployment = serde_json::from_value(json!({
+            "apiVersion": "kasmina.dev/v1alpha1", "kind": "EdgeDeployment",
+            "metadata": {"name": "m"},
+            "spec": {"model": {"name": "m", "version": "1", "source": {"uri": "s3://b/m"},
+                               "architecture": "bert"},
+                     "optimization": {"profile": {"memoryMiB": 256}}},
+            "status": {"rollout": {"stable": "r1", "candidate": "r2", "weight": 5}}
+        }))
+        .unwrap();
+        assert_eq!(
+            split_of(&ed),
+            Split {
+                stable: Some("r1".into()),
+                canary: Some("r2".into()),
+                weight: 5
+            }
+        );
+        let mut none = ed.clone();
+        none.status = None;
+        assert_eq!(split_of(&none), Split::default());
+    }
+}
