@@ -103,6 +103,7 @@ async fn every_permission_is_granted(client: &Client) {
     let user = format!("system:serviceaccount:{NAMESPACE}:{NAME}");
     let reviews: Api<SubjectAccessReview> = Api::all(client.clone());
     let webhook_secret = format!("{NAME}-webhook-tls");
+    let gateway_role = format!("{NAME}-gateway");
     let mut checked = 0;
     let mut denied = vec![];
     for (group, resource, verbs) in PERMISSIONS {
@@ -119,6 +120,8 @@ async fn every_permission_is_granted(client: &Client) {
                 .chain([(Some(NAMESPACE), Some(webhook_secret.as_str()))])
                 .collect(),
             "validatingwebhookconfigurations" => vec![(None, Some(NAME))],
+            // bind: the gateway's ClusterRole only.
+            "clusterroles" => vec![(None, Some(gateway_role.as_str()))],
             _ => vec![(None, None)],
         };
         for verb in *verbs {

@@ -1084,8 +1084,12 @@ pub(crate) mod tests {
         assert_eq!(sel(&w, "sentiment"), green, "instant switch");
         assert_eq!(w.replicas().len(), 2, "blue kept for the scale-down delay");
         let plan = w.reconcile();
-        assert_eq!(plan.requeue, Duration::from_secs(60));
-        w.now += 61;
+        // The delay runs to the whole second past it (the clock is whole seconds).
+        assert_eq!(plan.requeue, Duration::from_secs(61));
+        w.now += 60;
+        w.converge();
+        assert_eq!(w.replicas().len(), 2, "blue still kept at 60 s");
+        w.now += 1;
         w.converge();
         assert_eq!(
             w.replicas(),

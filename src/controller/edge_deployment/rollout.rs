@@ -501,7 +501,10 @@ fn reset_candidate(s: &mut State, candidate: Option<String>, now: Seconds) {
 fn promote(s: &mut State, candidate: &str, now: Seconds, delay: Seconds, reason: String) -> Ended {
     if let Some(old) = s.stable.replace(candidate.to_owned()) {
         s.previous = Some(old);
-        s.scale_down_at = Some(now + delay);
+        // `now` is whole seconds, rounded down: a delay counted from it could end up to a
+        // second early (the real control plane deleted blue 9.2 s into a 10 s delay), so a
+        // delay runs to the next whole second past it.
+        s.scale_down_at = Some(if delay > 0 { now + delay + 1 } else { now });
     }
     reset_candidate(s, None, now);
     s.aborted = None;
@@ -801,10 +804,13 @@ mod tests {
         assert_eq!(d.state.stable.as_deref(), Some("b"));
         assert_eq!(
             (d.state.previous.as_deref(), d.state.scale_down_at),
-            (Some("a"), Some(40))
+            (Some("a"), Some(41)),
+            "never before the whole delay, whatever fraction of second 10 it started in"
         );
+        let during = decide(&bg(true, false), &d.state, &seen(40, "b"));
+        assert_eq!(during.state.previous.as_deref(), Some("a"));
         // The old revision is released after the delay.
-        let later = decide(&bg(true, false), &d.state, &seen(40, "b"));
+        let later = decide(&bg(true, false), &d.state, &seen(41, "b"));
         assert_eq!(
             (later.state.previous, later.state.scale_down_at),
             (None, None)
