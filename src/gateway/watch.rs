@@ -17,6 +17,8 @@ use super::proxy::Gateway;
 use super::routes::Split;
 use crate::api::EdgeDeployment;
 use crate::controller::edge_deployment::names::{REVISION_LABEL, RUNTIME_PORT, runtime_selector};
+// A runtime pod as the controller caches it: status (IP, readiness) and labels are what is read.
+use crate::controller::edge_deployment::watch::slim_pod;
 
 /// The split an EdgeDeployment's rollout status asks for.
 pub fn split_of(ed: &EdgeDeployment) -> Split {
@@ -86,10 +88,7 @@ pub async fn follow(
         watcher::Config::default().labels(&runtime_selector(&name, None)),
     )
     .default_backoff()
-    .modify(|pod| {
-        pod.metadata.managed_fields = None;
-        pod.spec = None;
-    })
+    .modify(slim_pod)
     .reflect(pod_writer)
     .map(|_| ());
     let mut events = std::pin::pin!(futures::stream::select(ed_events, pod_events));
@@ -130,8 +129,9 @@ fn rebuild(gateway: &Gateway, eds: &Store<EdgeDeployment>, pods: &Store<Pod>) {
         .map(|ed| split_of(ed))
         .unwrap_or_default();
     let ready = ready_pods(&pods.state(), RUNTIME_PORT as u16);
-    let table = gateway.table().next(split, ready);
-    if table.split != gateway.table().split {
+    let current = gateway.table();
+    let table = current.next(split, ready);
+    if table.split != current.split {
         tracing::info!(split = ?table.split, "split changed");
     }
     gateway.set_table(table);
