@@ -33,11 +33,13 @@ fn checks() -> Vec<MetricCheck> {
     vec![
         MetricCheck {
             metric: AnalysisMetric::ErrorRate,
+            min: None,
             max: Some(0.05),
             max_relative_to_stable: None,
         },
         MetricCheck {
             metric: AnalysisMetric::LatencyP99Ms,
+            min: None,
             max: None,
             max_relative_to_stable: Some(1.5),
         },
@@ -52,6 +54,7 @@ fn window(error_rate: f64, p99: f64) -> Window {
         p95_ms: p99 / 1.5,
         p99_ms: p99,
         load: 0.5,
+        agreement: None,
     }
 }
 

@@ -34,6 +34,7 @@ scenarios! {
     compliance => compliance;
     gateway_route => gateway_route;
     gateway => gateway;
+    output_agreement => output_agreement;
     bad_input => bad_input;
     /// Kills and restarts operator replicas: `just e2e` runs it alone, after the others.
     operator_faults => faults;

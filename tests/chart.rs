@@ -279,9 +279,33 @@ fn exported_metrics() -> BTreeSet<String> {
     metrics.scaled("ns", "p", true);
     metrics.desired_replicas("ns", "p", 3);
     metrics.reconcile_failed("scalingpolicy", "scale");
+    let mut gateway = Registry::default();
+    let g = kasmina::gateway::metrics::Metrics::new(&mut gateway);
+    let revision = || kasmina::gateway::metrics::RevisionLabels {
+        revision: "r".into(),
+    };
+    g.requests
+        .get_or_create(&kasmina::gateway::metrics::CodeLabels {
+            revision: "r".into(),
+            code: "200".into(),
+        })
+        .inc();
+    g.duration.get_or_create(&revision()).observe(0.001);
+    g.retries.get_or_create(&revision()).inc();
+    g.upstream_errors
+        .get_or_create(&kasmina::gateway::metrics::ErrorLabels {
+            revision: "r".into(),
+            kind: "connect".into(),
+        })
+        .inc();
+    g.inflight.get_or_create(&revision()).set(1);
+    g.ready_pods.get_or_create(&revision()).set(1);
+    g.mirrored("r", "compared");
+    g.agreed("r", 0.999);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &runtime).unwrap();
     prometheus_client::encoding::text::encode(&mut text, &operator).unwrap();
+    prometheus_client::encoding::text::encode(&mut text, &gateway).unwrap();
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
@@ -362,6 +386,19 @@ fn alerts_and_dashboard_read_exported_metrics_with_the_seed_thresholds() {
         }
     }
     assert!(read.len() >= 7, "{read:?}");
+    // The gateway's panels: its requests, latency, retries and the canary's agreement.
+    for metric in [
+        "kasmina_gateway_requests_total",
+        "kasmina_gateway_request_duration_seconds_bucket",
+        "kasmina_gateway_retries_total",
+        "kasmina_gateway_output_agreement_sum",
+        "kasmina_gateway_mirrored_total",
+    ] {
+        assert!(
+            read.iter().any(|e| e.contains(metric)),
+            "no panel reads {metric}"
+        );
+    }
     for expr in exprs.values().chain(&read) {
         for name in metrics_in(expr) {
             assert!(
@@ -370,7 +407,29 @@ fn alerts_and_dashboard_read_exported_metrics_with_the_seed_thresholds() {
             );
         }
     }
-    assert_eq!(of_kind(&docs, "PodMonitor").len(), 1);
+    let monitors = of_kind(&docs, "PodMonitor");
+    assert_eq!(monitors.len(), 1);
+    // It scrapes the pods the controller labels as runtime and gateway, and no build Job's.
+    use kasmina::controller::edge_deployment::names::{
+        COMPONENT_LABEL, GATEWAY_COMPONENT, NAME_LABEL, RUNTIME_COMPONENT,
+    };
+    let selects = |component: &str| {
+        let labels = BTreeMap::from([(NAME_LABEL, "ed"), (COMPONENT_LABEL, component)]);
+        monitors[0]["spec"]["selector"]["matchExpressions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| {
+                let value = labels.get(e["key"].as_str().unwrap());
+                match e["operator"].as_str().unwrap() {
+                    "Exists" => value.is_some(),
+                    "In" => value.is_some_and(|v| strings(&e["values"]).iter().any(|s| s == v)),
+                    other => panic!("operator {other}"),
+                }
+            })
+    };
+    assert!(selects(RUNTIME_COMPONENT) && selects(GATEWAY_COMPONENT));
+    assert!(!selects("build"));
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! `kasmina gateway` against fake runtimes on loopback: exact weights, pinning, a retry on
-//! another pod, hop-by-hop headers, bounds and JSON errors.
+//! another pod, hop-by-hop headers, bounds and JSON errors; mirrored answers compared.
 
 mod common;
 
@@ -14,6 +14,7 @@ use axum::http::HeaderMap;
 use axum::routing::post;
 use common::http::{get, http};
 use kasmina::api::edge_deployment::Balancing;
+use kasmina::controller::edge_deployment::scrape::parse_agreement;
 use kasmina::gateway::proxy::{Gateway, Limits};
 use kasmina::gateway::routes::{Split, Table};
 use kasmina::gateway::{self, fixed_table};
@@ -90,7 +91,7 @@ async fn a_five_percent_canary_gets_exactly_five_percent_whatever_its_pods() {
         runtime("canary").await,
         runtime("canary").await,
     );
-    let table = fixed_table(&[("s".into(), s), ("c".into(), c1), ("c".into(), c2)], 5);
+    let table = fixed_table(&[("s".into(), s), ("c".into(), c1), ("c".into(), c2)], 5, 0);
     let (gw, _stop) = start(table, 1 << 20).await;
     let mut answered: BTreeMap<String, u32> = BTreeMap::new();
     for _ in 0..2_000 {
@@ -108,7 +109,11 @@ async fn a_five_percent_canary_gets_exactly_five_percent_whatever_its_pods() {
 #[tokio::test]
 async fn a_header_pins_a_revision_and_an_unknown_one_is_refused_by_name() {
     let (s, c) = (runtime("stable").await, runtime("canary").await);
-    let (gw, _stop) = start(fixed_table(&[("s".into(), s), ("c".into(), c)], 0), 1 << 20).await;
+    let (gw, _stop) = start(
+        fixed_table(&[("s".into(), s), ("c".into(), c)], 0, 0),
+        1 << 20,
+    )
+    .await;
     for _ in 0..10 {
         let r = infer(gw, &[("kasmina-revision", "canary")]).await;
         assert_eq!(r.json()["model_version"], "canary");
@@ -123,7 +128,7 @@ async fn a_header_pins_a_revision_and_an_unknown_one_is_refused_by_name() {
 async fn a_request_a_pod_never_answered_is_sent_once_more_to_another() {
     let (dead, live) = (dead_address().await, runtime("stable").await);
     let (gw, _stop) = start(
-        fixed_table(&[("s".into(), dead), ("s".into(), live)], 0),
+        fixed_table(&[("s".into(), dead), ("s".into(), live)], 0, 0),
         1 << 20,
     )
     .await;
@@ -144,7 +149,7 @@ async fn a_request_a_pod_never_answered_is_sent_once_more_to_another() {
     assert!(metrics.contains("kasmina_gateway_requests_total{revision=\"s\",code=\"200\"} 40"));
 
     // With no pod left that answers, the caller gets a 502 naming the pod, not a hang.
-    let (gw, _stop) = start(fixed_table(&[("s".into(), dead)], 0), 1 << 20).await;
+    let (gw, _stop) = start(fixed_table(&[("s".into(), dead)], 0, 0), 1 << 20).await;
     let r = infer(gw, &[]).await;
     assert_eq!(r.status, 502);
     assert!(r.error().contains("revision s"), "{}", r.error());
@@ -153,7 +158,7 @@ async fn a_request_a_pod_never_answered_is_sent_once_more_to_another() {
 #[tokio::test]
 async fn headers_pass_but_hop_by_hop_ones_and_oversized_bodies_do_not() {
     let s = runtime("stable").await;
-    let (gw, _stop) = start(fixed_table(&[("s".into(), s)], 0), 64).await;
+    let (gw, _stop) = start(fixed_table(&[("s".into(), s)], 0, 0), 64).await;
     let r = infer(
         gw,
         &[
@@ -186,6 +191,7 @@ async fn with_no_ready_pod_the_caller_is_told_to_retry_shortly() {
         stable: Some("s".into()),
         canary: None,
         weight: 0,
+        mirror: 0,
     };
     let (gw, _stop) = start(Table::default().next(split, BTreeMap::new()), 1 << 20).await;
     let r = infer(gw, &[]).await;
@@ -196,4 +202,65 @@ async fn with_no_ready_pod_the_caller_is_told_to_retry_shortly() {
     let r = infer(gw, &[]).await;
     assert_eq!(r.status, 503);
     assert!(r.error().contains("no revision"), "{}", r.error());
+}
+
+/// A fake runtime answering every infer with one embedding, `vector`, as OIP JSON.
+async fn embedder(revision: &'static str, vector: [f32; 3]) -> SocketAddr {
+    let app = Router::new().route(
+        "/v2/models/m/infer",
+        post(move || async move {
+            axum::Json(
+                json!({"model_name": "m", "model_version": revision, "outputs": [
+                {"name": "embedding", "datatype": "FP32", "shape": [1, 3], "data": vector}]}),
+            )
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test]
+async fn mirrored_requests_measure_the_canarys_agreement_and_never_reach_the_caller() {
+    // The canary's embedding is 45° off stable's: cosine 0.7071.
+    let s = embedder("stable", [1.0, 0.0, 0.0]).await;
+    let c = embedder("canary", [1.0, 1.0, 0.0]).await;
+    let (gw, _stop) = start(
+        fixed_table(&[("s".into(), s), ("c".into(), c)], 0, 50),
+        1 << 20,
+    )
+    .await;
+    for _ in 0..40 {
+        let r = infer(gw, &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["model_version"], "stable", "only stable answers");
+        assert_eq!(r.headers["kasmina-revision"], "s");
+    }
+    // A pinned request is the tester's own: not mirrored.
+    assert_eq!(
+        infer(gw, &[("kasmina-revision", "stable")]).await.status,
+        200
+    );
+    // The comparisons finish after the answers: read until all 20 are in.
+    let mut seen = Default::default();
+    for _ in 0..500 {
+        let text = String::from_utf8(get(gw, "/metrics").await.body).unwrap();
+        seen = parse_agreement(&text, "c").unwrap();
+        if seen.agreement_count >= 20.0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(seen.agreement_count, 20.0, "50 % of 40 mirrored");
+    let mean = seen.agreement_sum / seen.agreement_count;
+    assert!(
+        (mean - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-4,
+        "{mean}"
+    );
+    let text = String::from_utf8(get(gw, "/metrics").await.body).unwrap();
+    assert!(
+        text.contains(r#"kasmina_gateway_mirrored_total{revision="c",outcome="compared"} 20"#),
+        "{text}"
+    );
 }

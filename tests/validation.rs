@@ -122,6 +122,26 @@ fn edge_deployment_rules() {
                 Some("spec.strategy.analysis.checks[0]"),
             ),
             (
+                "outputAgreement through the gateway",
+                json!({"strategy": {"type": "Canary",
+                    "canary": {"steps": [{"setWeight": 5}], "trafficRouting": {"gateway": {"mirrorPercent": 20}}},
+                    "analysis": {"checks": [{"metric": "outputAgreement", "min": 0.995}]}}}),
+                None,
+            ),
+            (
+                "outputAgreement without the gateway",
+                json!({"strategy": {"type": "Canary", "canary": {"steps": [{"setWeight": 5}]},
+                    "analysis": {"checks": [{"metric": "outputAgreement", "min": 0.995}]}}}),
+                Some("spec.strategy.analysis.checks[0].metric"),
+            ),
+            (
+                "outputAgreement with max",
+                json!({"strategy": {"type": "Canary",
+                    "canary": {"steps": [{"setWeight": 5}], "trafficRouting": {"gateway": {}}},
+                    "analysis": {"checks": [{"metric": "outputAgreement", "max": 0.995}]}}}),
+                Some("spec.strategy.analysis.checks[0]"),
+            ),
+            (
                 "interval under 1s",
                 json!({"strategy": {"analysis": {"interval": "500ms", "checks": [{"metric": "errorRate", "max": 1}]}}}),
                 Some("spec.strategy.analysis.interval"),

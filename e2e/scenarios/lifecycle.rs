@@ -13,7 +13,7 @@ use kasmina::api::edge_deployment::{Phase, RolloutOutcome};
 use kube::ResourceExt;
 use serde_json::json;
 
-use crate::support::model::{self, healthy, infer_body, minilm};
+use crate::support::model::{self, healthy, infer_body, minilm, rolled_back_for};
 use crate::support::traffic::{Load, Traffic, infer_once};
 use crate::support::{Scenario, event, kubectl, wait, wait_gone};
 
@@ -209,37 +209,13 @@ pub async fn run_scenario() {
         "rollback after the first failing interval",
         failed_at.elapsed(),
     );
-    let status = ed.status.unwrap_or_default();
+    let status = ed.status.clone().unwrap_or_default();
     assert_eq!(
         status.stable_revision.as_deref(),
         Some(second.as_str()),
         "stable stays"
     );
-    let last = &status.history[0];
-    assert_eq!(
-        last.outcome,
-        RolloutOutcome::RolledBack,
-        "{:?}",
-        status.history
-    );
-    assert!(
-        last.reason.contains("latencyP99Ms"),
-        "the reason names the check: {}",
-        last.reason
-    );
-    let note = event(
-        &s.client,
-        &s.ns,
-        "EdgeDeployment",
-        NAME,
-        "RolledBack",
-        Duration::from_secs(30),
-    )
-    .await;
-    assert!(
-        note.contains("latencyP99Ms"),
-        "the Event names the check: {note}"
-    );
+    rolled_back_for(&s, &ed, None, "latencyP99Ms").await;
 
     // 5. The probe saw every answer succeed, from both stable versions.
     let tally = probe.stop().await;

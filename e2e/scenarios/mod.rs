@@ -9,3 +9,4 @@ pub mod gateway;
 pub mod gateway_route;
 pub mod install;
 pub mod lifecycle;
+pub mod output_agreement;

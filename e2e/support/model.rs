@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use kasmina::api::EdgeDeployment;
-use kasmina::api::edge_deployment::Phase;
+use kasmina::api::edge_deployment::{Phase, RolloutOutcome};
 use kube::Api;
 use serde_json::{Value, json};
 
-use super::wait;
+use super::{Scenario, event, wait};
 
 /// Where pods read the model: `KASMINA_E2E_MODEL_URI`, else the fetched copy in `models/`
 /// (the local control plane's pods run on this host; on kind, copy it to the node and set
@@ -82,4 +82,42 @@ pub fn condition(ed: &EdgeDeployment, type_: &str) -> Option<(String, String, St
                 c.message.clone(),
             )
         })
+}
+
+/// Asserts that the EdgeDeployment's last rollout (of `revision`, when given) was rolled back
+/// for its `check`: the history entry's reason and the RolledBack Event both name it.
+pub async fn rolled_back_for(
+    s: &Scenario,
+    ed: &EdgeDeployment,
+    revision: Option<&str>,
+    check: &str,
+) {
+    let status = ed.status.clone().unwrap_or_default();
+    let last = &status.history[0];
+    assert_eq!(
+        last.outcome,
+        RolloutOutcome::RolledBack,
+        "{:?}",
+        status.history
+    );
+    if let Some(revision) = revision {
+        assert_eq!(last.revision, revision, "{:?}", status.history);
+    }
+    assert!(
+        last.reason.contains(check),
+        "the reason names the check: {}",
+        last.reason
+    );
+    let name = ed.metadata.name.as_deref().unwrap_or_default();
+    let within = Duration::from_secs(30);
+    let note = event(
+        &s.client,
+        &s.ns,
+        "EdgeDeployment",
+        name,
+        "RolledBack",
+        within,
+    )
+    .await;
+    assert!(note.contains(check), "the Event names the check: {note}");
 }

@@ -392,6 +392,16 @@ pub struct GatewayRouting {
     #[serde(default = "one_gateway", skip_serializing_if = "is_one_gateway")]
     #[schemars(range(min = 1, max = 16))]
     pub replicas: i32,
+
+    /// Percent of the requests the gateway sends to stable that it also sends to the canary,
+    /// to compare the answers, while analysis has an `outputAgreement` check. The canary's
+    /// answer never reaches the caller. Default 10.
+    #[serde(
+        default = "default_mirror_percent",
+        skip_serializing_if = "is_default_mirror_percent"
+    )]
+    #[schemars(range(min = 1, max = 100))]
+    pub mirror_percent: u8,
 }
 
 impl Default for GatewayRouting {
@@ -399,8 +409,17 @@ impl Default for GatewayRouting {
         Self {
             balancing: Balancing::default(),
             replicas: one_gateway(),
+            mirror_percent: default_mirror_percent(),
         }
     }
+}
+
+fn default_mirror_percent() -> u8 {
+    10
+}
+
+fn is_default_mirror_percent(p: &u8) -> bool {
+    *p == default_mirror_percent()
 }
 
 fn one_gateway() -> i32 {
@@ -539,12 +558,20 @@ fn default_failure_limit() -> u32 {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.max) || has(self.maxRelativeToStable)",
-    "message": "set max, maxRelativeToStable or both"
+    "rule": "has(self.max) || has(self.maxRelativeToStable) || has(self.min)",
+    "message": "set max, maxRelativeToStable or min"
+}, {
+    "rule": "self.metric != 'outputAgreement' || (has(self.min) && !has(self.max) && !has(self.maxRelativeToStable))",
+    "message": "outputAgreement takes min only: the agreement (0 to 1) under which a measurement fails"
 }]))]
 pub struct MetricCheck {
     /// The metric, measured over the analysis interval.
     pub metric: AnalysisMetric,
+
+    /// Fails when the metric is under this value (for `outputAgreement`, e.g. 0.995).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub min: Option<f64>,
 
     /// Fails when the metric exceeds this value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -571,6 +598,11 @@ pub enum AnalysisMetric {
     LatencyP99Ms,
     /// (in-flight + queued) / capacity, averaged over the revision's pods.
     CognitiveLoad,
+    /// How far the canary's answers agree with stable's on the requests the gateway mirrors
+    /// to it (1: the same): per answer, the lowest cosine similarity of its embeddings, or for
+    /// other FP32 outputs 1 - the largest difference relative to stable's largest value;
+    /// averaged over the interval. Needs `trafficRouting.gateway`.
+    OutputAgreement,
 }
 
 /// The observed state of an EdgeDeployment.
@@ -745,6 +777,10 @@ pub struct AnalysisBaseline {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub stable_pods: Vec<PodCounters>,
+    /// Each answering gateway pod's agreement counters for the candidate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub gateway_pods: Vec<PodCounters>,
 }
 
 /// One runtime pod's counters.
@@ -768,6 +804,16 @@ pub struct Counters {
     /// Cumulative latency histogram buckets, ascending, `+Inf` last.
     #[serde(default)]
     pub buckets: Vec<Bucket>,
+    /// A gateway's `kasmina_gateway_output_agreement` sum for the candidate.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub agreement_sum: f64,
+    /// A gateway's `kasmina_gateway_output_agreement` count for the candidate.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub agreement_count: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// One cumulative histogram bucket.
@@ -981,11 +1027,35 @@ impl EdgeDeploymentSpec {
         }
         if let Some(analysis) = &strategy.analysis {
             for (i, check) in analysis.checks.iter().enumerate() {
-                if check.max.is_none() && check.max_relative_to_stable.is_none() {
-                    errors.push(
-                        format!("spec.strategy.analysis.checks[{i}]"),
-                        "set max, maxRelativeToStable or both",
-                    );
+                let field = format!("spec.strategy.analysis.checks[{i}]");
+                if check.max.is_none()
+                    && check.max_relative_to_stable.is_none()
+                    && check.min.is_none()
+                {
+                    errors.push(field.clone(), "set max, maxRelativeToStable or min");
+                }
+                if check.metric == AnalysisMetric::OutputAgreement {
+                    if check.min.is_none()
+                        || check.max.is_some()
+                        || check.max_relative_to_stable.is_some()
+                    {
+                        errors.push(
+                            field.clone(),
+                            "outputAgreement takes min only: the agreement (0 to 1) under \
+                             which a measurement fails",
+                        );
+                    }
+                    let gateway = strategy
+                        .canary
+                        .as_ref()
+                        .is_some_and(|c| c.traffic_routing.gateway.is_some());
+                    if !gateway {
+                        errors.push(
+                            format!("{field}.metric"),
+                            "outputAgreement compares the answers kasmina gateway mirrors \
+                             to the canary: it needs spec.strategy.canary.trafficRouting.gateway",
+                        );
+                    }
                 }
             }
             if analysis.interval.as_std() < std::time::Duration::from_secs(1) {

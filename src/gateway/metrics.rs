@@ -1,6 +1,6 @@
 //! The gateway's metrics (docs/gateway.md lists them): per revision its requests by status
 //! code, latency, retries, upstream failures, requests in flight and ready pods; the canary
-//! weight in force.
+//! weight in force; the requests mirrored to the canary and how far its answers agree.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -27,6 +27,19 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    /// The canary revision.
+    pub revision: String,
+    /// compared | incomparable | failed | skipped
+    pub outcome: &'static str,
+}
+
+/// Agreement buckets: fine near 1, where quantized models differ.
+const AGREEMENT_BUCKETS: [f64; 11] = [
+    0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9999, 1.0,
+];
+
 pub struct Metrics {
     pub requests: Family<CodeLabels, Counter>,
     pub duration: Family<RevisionLabels, Histogram>,
@@ -35,6 +48,8 @@ pub struct Metrics {
     pub inflight: Family<RevisionLabels, Gauge>,
     pub ready_pods: Family<RevisionLabels, Gauge>,
     pub canary_weight: Gauge,
+    pub mirrored: Family<MirrorLabels, Counter>,
+    pub agreement: Family<RevisionLabels, Histogram>,
 }
 
 impl Metrics {
@@ -50,6 +65,10 @@ impl Metrics {
             inflight: Family::default(),
             ready_pods: Family::default(),
             canary_weight: Gauge::default(),
+            mirrored: Family::default(),
+            agreement: Family::new_with_constructor(|| {
+                Histogram::new(AGREEMENT_BUCKETS.iter().copied())
+            }),
         };
         registry.register(
             "kasmina_gateway_requests",
@@ -86,7 +105,35 @@ impl Metrics {
             "Percent of requests the gateway sends to the canary revision",
             metrics.canary_weight.clone(),
         );
+        registry.register(
+            "kasmina_gateway_mirrored",
+            "Requests answered by stable and sampled to mirror to the canary, by canary \
+             revision and outcome (compared, incomparable, failed, skipped)",
+            metrics.mirrored.clone(),
+        );
+        registry.register(
+            "kasmina_gateway_output_agreement",
+            "Agreement (0-1, 1: the same) of each mirrored answer of the canary revision with \
+             stable's: the lowest cosine of its embeddings, or 1 - the largest relative \
+             difference of other FP32 outputs",
+            metrics.agreement.clone(),
+        );
         metrics
+    }
+
+    pub fn mirrored(&self, canary: &str, outcome: &'static str) {
+        self.mirrored
+            .get_or_create(&MirrorLabels {
+                revision: canary.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn agreed(&self, canary: &str, agreement: f64) {
+        self.agreement
+            .get_or_create(&Self::revision(canary))
+            .observe(agreement);
     }
 
     fn revision(revision: &str) -> RevisionLabels {

@@ -1,10 +1,12 @@
 //! `kasmina gateway`: an OIP-aware proxy in front of one EdgeDeployment's revisions. It splits
 //! requests between the stable and the canary revision by exact weights (or a pinning header),
 //! balances each revision's requests over its ready pods by the load they hold (power of two
-//! choices), retries once on another pod a request that got no answer, and drains on SIGTERM.
+//! choices), retries once on another pod a request that got no answer, mirrors a share of
+//! stable's requests to the canary to compare the answers, and drains on SIGTERM.
 
 pub mod balancer;
 pub mod metrics;
+pub mod mirror;
 pub mod proxy;
 pub mod routes;
 pub mod split;
@@ -73,6 +75,10 @@ pub struct Options {
     /// With --backend: percent of requests for the canary.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub canary_weight: u8,
+    /// With --backend: percent of stable's infer requests also sent to the canary to compare
+    /// the answers (kasmina_gateway_output_agreement).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub mirror_percent: u8,
     /// How a revision's requests are spread over its pods: PowerOfTwoChoices or RoundRobin.
     #[arg(long, default_value = "PowerOfTwoChoices", value_parser = parse_balancing)]
     pub balancing: Balancing,
@@ -134,7 +140,7 @@ impl Options {
 }
 
 /// The table of fixed `--backend` routes.
-pub fn fixed_table(backends: &[(String, SocketAddr)], canary_weight: u8) -> Table {
+pub fn fixed_table(backends: &[(String, SocketAddr)], canary_weight: u8, mirror: u8) -> Table {
     let mut order: Vec<&str> = vec![];
     let mut pods: BTreeMap<String, Vec<(String, SocketAddr)>> = BTreeMap::new();
     for (revision, addr) in backends {
@@ -149,6 +155,7 @@ pub fn fixed_table(backends: &[(String, SocketAddr)], canary_weight: u8) -> Tabl
         stable: order.first().map(|s| (*s).to_owned()),
         canary: order.get(1).map(|s| (*s).to_owned()),
         weight: canary_weight,
+        mirror,
     };
     Table::default().next(split, pods)
 }
@@ -200,7 +207,11 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), Er
         ));
         tracing::info!(edge_deployment = %name, namespace = %options.namespace, balancing = ?options.balancing, "routing");
     } else {
-        gateway.set_table(fixed_table(&options.backend, options.canary_weight));
+        gateway.set_table(fixed_table(
+            &options.backend,
+            options.canary_weight,
+            options.mirror_percent,
+        ));
         gateway.health.set_ready(true);
         tracing::info!(split = ?gateway.table().split, balancing = ?options.balancing, "routing to fixed backends");
     }

@@ -1,6 +1,7 @@
 //! The proxy: each OIP request goes to a revision (the split, or the pinned one), then to one
 //! of its ready pods (the balancer), over a pool of keep-alive connections. The request body is
-//! read whole (bounded) so a failed attempt can be sent again; the answer streams back.
+//! read whole (bounded) so a failed attempt can be sent again; the answer streams back, but
+//! for a request mirrored to the canary, whose answer stable's is held to be compared with.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -19,9 +20,11 @@ use prometheus_client::registry::Registry;
 
 use super::balancer;
 use super::metrics::Metrics;
+use super::mirror;
 use super::routes::{Pod, Table};
 use super::split::{self, PIN_HEADER, Refusal};
 use crate::api::edge_deployment::Balancing;
+use crate::runtime::protocol::HEADER_LENGTH;
 use crate::runtime::server::LOAD_HEADER;
 use crate::telemetry::{Health, json_error};
 
@@ -49,6 +52,10 @@ pub struct Gateway {
     limits: Limits,
     /// Requests routed by the split, for its exact weights.
     routed: AtomicU64,
+    /// Requests that could be mirrored, for the exact mirror share.
+    mirrorable: AtomicU64,
+    /// Mirrors in flight (at most `mirror::MAX_IN_FLIGHT`).
+    mirrors: Arc<AtomicUsize>,
     turn: AtomicUsize,
     pub metrics: Metrics,
     pub registry: Arc<Registry>,
@@ -72,6 +79,8 @@ impl Gateway {
             balancing,
             limits,
             routed: AtomicU64::new(0),
+            mirrorable: AtomicU64::new(0),
+            mirrors: Arc::new(AtomicUsize::new(0)),
             turn: AtomicUsize::new(0),
             metrics,
             registry: Arc::new(registry),
@@ -182,9 +191,17 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
         }
         Err(refusal @ Refusal::NoRevision) => return unavailable(&refusal.to_string()),
     };
+    let infer = parts.method == axum::http::Method::POST && parts.uri.path().ends_with("/infer");
+    let mirror_to = mirror::target(&table, &revision, pin.is_some(), infer, || {
+        gateway.mirrorable.fetch_add(1, Ordering::Relaxed)
+    })
+    .map(str::to_owned);
     let inflight = gateway.metrics.inflight(&revision);
     inflight.inc();
-    let response = attempts(&gateway, &table, &revision, &parts, body).await;
+    let mut response = attempts(&gateway, &table, &revision, &parts, body.clone()).await;
+    if let Some(canary) = mirror_to {
+        response = mirrored(&gateway, &table, canary, &parts, body, response).await;
+    }
     inflight.dec();
     gateway.metrics.answered(
         &revision,
@@ -254,6 +271,143 @@ async fn attempts(
         }
     }
     json_error(StatusCode::BAD_GATEWAY, "no attempt answered")
+}
+
+/// Counts one mirror in flight until dropped.
+struct MirrorSlot(Arc<AtomicUsize>);
+
+impl MirrorSlot {
+    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
+        let taken = count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < mirror::MAX_IN_FLIGHT).then_some(n + 1)
+            })
+            .is_ok();
+        taken.then(|| Self(count.clone()))
+    }
+}
+
+impl Drop for MirrorSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn json_length(headers: &HeaderMap) -> Option<usize> {
+    headers.get(HEADER_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Stable answered a request sampled for mirroring: its answer is held (bounded) and given to
+/// the caller, and the request goes to the canary in the background to compare the answers.
+/// The caller waits for nothing of the canary's.
+async fn mirrored(
+    gateway: &Arc<Gateway>,
+    table: &Arc<Table>,
+    canary: String,
+    parts: &axum::http::request::Parts,
+    body: Bytes,
+    response: Response,
+) -> Response {
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let length = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let slot = length
+        .filter(|n| *n <= mirror::MAX_ANSWER_BYTES)
+        .and_then(|_| MirrorSlot::take(&gateway.mirrors));
+    let Some(slot) = slot else {
+        gateway.metrics.mirrored(&canary, "skipped");
+        return response;
+    };
+    let (head, stream) = response.into_parts();
+    let read = tokio::time::timeout(
+        gateway.limits.upstream_timeout,
+        Limited::new(stream, mirror::MAX_ANSWER_BYTES).collect(),
+    )
+    .await;
+    let answer = match read {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => {
+            return json_error(
+                StatusCode::BAD_GATEWAY,
+                "the answer of the stable revision broke off",
+            );
+        }
+    };
+    let stable_json = json_length(&head.headers);
+    let mut copy = axum::http::Request::new(()).into_parts().0;
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.headers = parts.headers.clone();
+    tokio::spawn(compare(
+        gateway.clone(),
+        table.clone(),
+        canary,
+        copy,
+        body,
+        (answer.clone(), stable_json),
+        slot,
+    ));
+    Response::from_parts(head, Body::from(answer))
+}
+
+/// Sends the mirrored request to a canary pod and records how far its answer agrees.
+async fn compare(
+    gateway: Arc<Gateway>,
+    table: Arc<Table>,
+    canary: String,
+    parts: axum::http::request::Parts,
+    body: Bytes,
+    (stable, stable_json): (Bytes, Option<usize>),
+    _slot: MirrorSlot,
+) {
+    let outcome = async {
+        let pod = balancer::pick(
+            table.pods(&canary),
+            gateway.balancing,
+            None,
+            Instant::now(),
+            &mut balancer::random_below,
+            &gateway.turn,
+        )
+        .ok_or("failed")?;
+        let response = send(&gateway, &pod, &parts, body)
+            .await
+            .map_err(|_| "failed")?;
+        if response.status() != StatusCode::OK {
+            return Err("failed");
+        }
+        let (head, stream) = response.into_parts();
+        let answer = tokio::time::timeout(
+            gateway.limits.upstream_timeout,
+            Limited::new(stream, mirror::MAX_ANSWER_BYTES).collect(),
+        )
+        .await
+        .map_err(|_| "failed")?
+        .map_err(|_| "failed")?
+        .to_bytes();
+        let theirs = mirror::outputs(&stable, stable_json);
+        let ours = mirror::outputs(&answer, json_length(&head.headers));
+        match (theirs, ours) {
+            (Ok(s), Ok(c)) => Ok(mirror::agreement(&s, &c)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(%canary, error = %e, "answers not compared");
+                Err("incomparable")
+            }
+        }
+    }
+    .await;
+    match outcome {
+        Ok(agreement) => {
+            gateway.metrics.agreed(&canary, agreement);
+            gateway.metrics.mirrored(&canary, "compared");
+        }
+        Err(outcome) => gateway.metrics.mirrored(&canary, outcome),
+    }
 }
 
 /// One attempt on `pod`: the answer's headers, its body streaming behind them.

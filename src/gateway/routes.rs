@@ -152,6 +152,9 @@ pub struct Split {
     pub canary: Option<String>,
     /// Percent of requests for the canary (0–100).
     pub weight: u8,
+    /// Percent of the requests answered by stable that are mirrored to the canary to compare
+    /// the answers (0: none).
+    pub mirror: u8,
 }
 
 /// Everything a request is routed by.

@@ -86,6 +86,7 @@ mod tests {
             stable: Some("aaaaaaaa11".into()),
             canary: Some("bbbbbbbb22".into()),
             weight,
+            mirror: 0,
         };
         Table::default().next(split, pods(&["aaaaaaaa11", "bbbbbbbb22"]))
     }

@@ -20,13 +20,26 @@ use crate::controller::edge_deployment::names::{REVISION_LABEL, RUNTIME_PORT, ru
 // A runtime pod as the controller caches it: status (IP, readiness) and labels are what is read.
 use crate::controller::edge_deployment::watch::slim_pod;
 
-/// The split an EdgeDeployment's rollout status asks for.
+/// The split an EdgeDeployment's rollout status asks for, mirroring to the canary while its
+/// analysis judges the canary's answers.
 pub fn split_of(ed: &EdgeDeployment) -> Split {
     let rollout = ed.status.as_ref().and_then(|s| s.rollout.as_ref());
+    let strategy = &ed.spec.strategy;
+    let judged = strategy
+        .analysis
+        .as_ref()
+        .is_some_and(crate::controller::edge_deployment::analysis::compares_outputs);
+    let mirror = strategy
+        .canary
+        .as_ref()
+        .and_then(|c| c.traffic_routing.gateway.as_ref())
+        .filter(|_| judged)
+        .map_or(0, |g| g.mirror_percent.min(100));
     Split {
         stable: rollout.and_then(|r| r.stable.clone()),
         canary: rollout.and_then(|r| r.candidate.clone()),
         weight: rollout.map_or(0, |r| r.weight.min(100)),
+        mirror,
     }
 }
 
@@ -195,11 +208,27 @@ mod tests {
             Split {
                 stable: Some("r1".into()),
                 canary: Some("r2".into()),
-                weight: 5
+                weight: 5,
+                mirror: 0,
             }
         );
         let mut none = ed.clone();
         none.status = None;
         assert_eq!(split_of(&none), Split::default());
+        // An outputAgreement check through the gateway mirrors its share; any other does not.
+        let mut judged = ed.clone();
+        judged.spec.strategy = serde_json::from_value(json!({
+            "type": "Canary",
+            "canary": {"trafficRouting": {"gateway": {"mirrorPercent": 25}},
+                       "steps": [{"setWeight": 5}]},
+            "analysis": {"checks": [{"metric": "outputAgreement", "min": 0.995}]}
+        }))
+        .unwrap();
+        assert_eq!(split_of(&judged).mirror, 25);
+        let mut errors_only = judged.clone();
+        errors_only.spec.strategy.analysis = serde_json::from_value(json!({
+            "checks": [{"metric": "errorRate", "max": 0.01}]}))
+        .unwrap();
+        assert_eq!(split_of(&errors_only).mirror, 0);
     }
 }

@@ -1,6 +1,7 @@
 //! Pure analysis of a revision over one interval: from two scrapes of its runtime pods, each
 //! pod's counter deltas summed, the error rate, latency quantiles (as Prometheus'
-//! `histogram_quantile` computes them from bucket deltas) and the cognitive load; then the
+//! `histogram_quantile` computes them from bucket deltas) and the cognitive load, and from
+//! the gateway pods' scrapes the agreement of the candidate's answers with stable's; then the
 //! spec's checks, absolute and relative to the stable revision, into a rollout measurement.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -28,6 +29,9 @@ pub struct Snapshot {
     /// The runtime's gauges as one pod exported them (the autoscaler reads these per pod;
     /// None when the pod does not export the metric).
     pub gauges: Gauges,
+    /// A gateway's `kasmina_gateway_output_agreement` sum and count for the candidate.
+    pub agreement_sum: f64,
+    pub agreement_count: f64,
 }
 
 /// The load gauges of DESIGN §4, as one pod exported them.
@@ -62,18 +66,31 @@ pub struct Window {
     pub p95_ms: f64,
     pub p99_ms: f64,
     pub load: f64,
+    /// Mean agreement of the answers compared in the interval; None: none was.
+    pub agreement: Option<f64>,
 }
 
 impl Window {
-    pub fn value(&self, metric: AnalysisMetric) -> f64 {
+    /// The metric's value; None when the interval did not measure it.
+    pub fn value(&self, metric: AnalysisMetric) -> Option<f64> {
         match metric {
-            AnalysisMetric::ErrorRate => self.error_rate,
-            AnalysisMetric::LatencyP50Ms => self.p50_ms,
-            AnalysisMetric::LatencyP95Ms => self.p95_ms,
-            AnalysisMetric::LatencyP99Ms => self.p99_ms,
-            AnalysisMetric::CognitiveLoad => self.load,
+            AnalysisMetric::ErrorRate => Some(self.error_rate),
+            AnalysisMetric::LatencyP50Ms => Some(self.p50_ms),
+            AnalysisMetric::LatencyP95Ms => Some(self.p95_ms),
+            AnalysisMetric::LatencyP99Ms => Some(self.p99_ms),
+            AnalysisMetric::CognitiveLoad => Some(self.load),
+            AnalysisMetric::OutputAgreement => self.agreement,
         }
     }
+}
+
+/// One analysis step's scrapes, each None when no pod answered.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scrapes<'a> {
+    pub candidate: Option<&'a [PodSnapshot]>,
+    pub stable: Option<&'a [PodSnapshot]>,
+    /// The gateway pods (their agreement counters for the candidate).
+    pub gateways: Option<&'a [PodSnapshot]>,
 }
 
 /// The interval between two snapshots; None without requests in it (nothing to judge).
@@ -123,6 +140,29 @@ pub fn add_bucket(buckets: &mut Vec<(f64, f64)>, le: f64, count: f64) {
     }
 }
 
+/// The mean agreement over the interval since `baseline` of the gateway pods' comparisons,
+/// each pod differenced against its own baseline as `interval` does; None without any.
+pub fn agreement(baseline: &[PodCounters], since: Timestamp, after: &[PodSnapshot]) -> Option<f64> {
+    let (mut sum, mut count) = (0.0, 0.0);
+    for p in after {
+        let (before_sum, before_count) = match baseline.iter().find(|b| b.pod == p.pod) {
+            Some(b) => (b.counters.agreement_sum, b.counters.agreement_count),
+            None if p.started.is_some_and(|at| at >= since) => (0.0, 0.0),
+            None => continue,
+        };
+        let now = &p.snapshot;
+        // A count that went down restarted: all of it is new.
+        if now.agreement_count < before_count {
+            sum += now.agreement_sum;
+            count += now.agreement_count;
+        } else {
+            sum += now.agreement_sum - before_sum;
+            count += now.agreement_count - before_count;
+        }
+    }
+    (count > 0.0).then(|| (sum / count).clamp(0.0, 1.0))
+}
+
 /// What one pod served between two of its scrapes.
 fn delta(before: &Snapshot, after: &Snapshot) -> Snapshot {
     // A counter that went down restarted: all of it is new.
@@ -161,6 +201,7 @@ fn window_of(delta: &Snapshot, load: f64) -> Option<Window> {
         p95_ms: q(0.95),
         p99_ms: q(0.99),
         load,
+        agreement: None,
     })
 }
 
@@ -193,8 +234,9 @@ pub fn quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
 }
 
 /// Judges the candidate's window against the checks (and the stable revision's window for
-/// relative limits). Without candidate traffic the interval is inconclusive; a relative check
-/// without stable traffic is skipped (its absolute limit, if any, still applies).
+/// relative limits). Without candidate traffic the interval is inconclusive, and so it is when
+/// a check's metric was not measured (no answers compared) and no other check failed; a
+/// relative check without stable traffic is skipped (its absolute limit, if any, still applies).
 pub fn judge(
     checks: &[MetricCheck],
     candidate: Option<&Window>,
@@ -204,8 +246,12 @@ pub fn judge(
         return Measurement::Inconclusive;
     };
     let mut failures = vec![];
+    let mut unmeasured = false;
     for check in checks {
-        let value = c.value(check.metric);
+        let Some(value) = c.value(check.metric) else {
+            unmeasured = true;
+            continue;
+        };
         // The check as the spec names it, so the reason points at what to change.
         let name = metric_key(check.metric);
         if let Some(max) = check.max
@@ -213,8 +259,15 @@ pub fn judge(
         {
             failures.push(format!("{name} {} > max {}", fmt(value), fmt(max)));
         }
-        if let (Some(factor), Some(s)) = (check.max_relative_to_stable, stable) {
-            let base = s.value(check.metric);
+        if let Some(min) = check.min
+            && value < min
+        {
+            failures.push(format!("{name} {} < min {}", fmt(value), fmt(min)));
+        }
+        if let (Some(factor), Some(base)) = (
+            check.max_relative_to_stable,
+            stable.and_then(|s| s.value(check.metric)),
+        ) {
             // A zero baseline (no errors on stable) would make any candidate error fail; the
             // absolute limit is the right tool there.
             if base > 0.0 && value > base * factor {
@@ -226,10 +279,12 @@ pub fn judge(
             }
         }
     }
-    if failures.is_empty() {
-        Measurement::Pass
-    } else {
+    if !failures.is_empty() {
         Measurement::Fail(failures.join("; "))
+    } else if unmeasured {
+        Measurement::Inconclusive
+    } else {
+        Measurement::Pass
     }
 }
 
@@ -251,6 +306,8 @@ impl Snapshot {
                     count,
                 })
                 .collect(),
+            agreement_sum: self.agreement_sum,
+            agreement_count: self.agreement_count,
         }
     }
 
@@ -270,8 +327,9 @@ impl Snapshot {
                     Some((le, b.count))
                 })
                 .collect(),
-            load: 0.0,
-            gauges: Gauges::default(),
+            agreement_sum: c.agreement_sum,
+            agreement_count: c.agreement_count,
+            ..Self::default()
         }
     }
 }
@@ -284,6 +342,13 @@ fn counters_of(pods: &[PodSnapshot]) -> Vec<PodCounters> {
             counters: p.snapshot.counters(),
         })
         .collect()
+}
+
+/// Whether the checks judge the candidate's answers (so the gateway pods are scraped too).
+pub fn compares_outputs(spec: &AnalysisSpec) -> bool {
+    spec.checks
+        .iter()
+        .any(|c| c.metric == AnalysisMetric::OutputAgreement)
 }
 
 /// Whether the candidate is due a scrape: no baseline for it yet, or an interval has passed.
@@ -319,10 +384,14 @@ pub fn measure(
     spec: &AnalysisSpec,
     candidate_rev: &str,
     prior: Option<&AnalysisStatus>,
-    candidate: Option<&[PodSnapshot]>,
-    stable: Option<&[PodSnapshot]>,
+    scrapes: Scrapes<'_>,
     now: Timestamp,
 ) -> (Option<Measurement>, AnalysisStatus) {
+    let Scrapes {
+        candidate,
+        stable,
+        gateways,
+    } = scrapes;
     let mut status = prior
         .filter(|p| p.revision == candidate_rev)
         .cloned()
@@ -340,13 +409,19 @@ pub fn measure(
         at: Time(now),
         candidate_pods: counters_of(c),
         stable_pods: stable.map(counters_of).unwrap_or_default(),
+        gateway_pods: gateways
+            .map(|g| counters_of(g).into_iter().take(16).collect())
+            .unwrap_or_default(),
     });
     let Some(baseline) = baseline else {
         return (None, status);
     };
     let since = baseline.at.0;
     let windows = candidate.map(|c| {
-        let cw = interval(&baseline.candidate_pods, since, c);
+        let mut cw = interval(&baseline.candidate_pods, since, c);
+        if let Some(w) = cw.as_mut() {
+            w.agreement = gateways.and_then(|g| agreement(&baseline.gateway_pods, since, g));
+        }
         let sw = stable.and_then(|s| interval(&baseline.stable_pods, since, s));
         (cw, sw)
     });
@@ -362,6 +437,11 @@ pub fn measure(
     );
     status.message = match (&measurement, &cw) {
         (Measurement::Fail(why), _) => why.clone(),
+        (Measurement::Inconclusive, Some(w)) => format!(
+            "{:.0} requests, but no answers were compared (outputAgreement needs requests \
+             through the gateway while a canary takes traffic)",
+            w.requests
+        ),
         (_, Some(w)) => format!("{:.0} requests, all checks within limits", w.requests),
         (_, None) if candidate.is_none() => "no runtime pod of the candidate answered".into(),
         (_, None) => "no requests to the candidate in the interval".into(),
@@ -370,7 +450,7 @@ pub fn measure(
         status.values = spec
             .checks
             .iter()
-            .map(|c| (metric_key(c.metric).to_owned(), round(w.value(c.metric))))
+            .filter_map(|c| Some((metric_key(c.metric).to_owned(), round(w.value(c.metric)?))))
             .collect();
     }
     (Some(measurement), status)
@@ -387,6 +467,7 @@ fn metric_key(m: AnalysisMetric) -> &'static str {
         AnalysisMetric::LatencyP95Ms => "latencyP95Ms",
         AnalysisMetric::LatencyP99Ms => "latencyP99Ms",
         AnalysisMetric::CognitiveLoad => "cognitiveLoad",
+        AnalysisMetric::OutputAgreement => "outputAgreement",
     }
 }
 
@@ -408,13 +489,14 @@ mod tests {
             errors,
             buckets: buckets.to_vec(),
             load,
-            gauges: Gauges::default(),
+            ..Snapshot::default()
         }
     }
 
     fn check(metric: AnalysisMetric, max: Option<f64>, rel: Option<f64>) -> MetricCheck {
         MetricCheck {
             metric,
+            min: None,
             max,
             max_relative_to_stable: rel,
         }
@@ -530,7 +612,11 @@ mod tests {
             "candidate": {"requests": 0.0, "errors": 0.0, "buckets": []}}}))
         .unwrap();
         let sick = [pod("a", 0, snap(100.0, 100.0, &[], 0.1))];
-        let (m, status) = measure(&spec, "r1", Some(&old), Some(&sick), None, now);
+        let scrapes = Scrapes {
+            candidate: Some(&sick),
+            ..Scrapes::default()
+        };
+        let (m, status) = measure(&spec, "r1", Some(&old), scrapes, now);
         assert_eq!(m, None, "lifetime totals are not judged");
         assert_eq!(status.baseline.unwrap().candidate_pods.len(), 1);
     }
@@ -544,6 +630,7 @@ mod tests {
             p95_ms: 10.0,
             p99_ms: p99,
             load: 0.5,
+            agreement: None,
         };
         let checks = vec![
             check(AnalysisMetric::ErrorRate, Some(0.05), None),
@@ -570,5 +657,116 @@ mod tests {
             judge(&cognitive, Some(&w(0.0, 1.0)), None),
             Measurement::Fail(_)
         ));
+    }
+
+    fn gateway(name: &str, sum: f64, count: f64) -> PodSnapshot {
+        pod(
+            name,
+            0,
+            Snapshot {
+                agreement_sum: sum,
+                agreement_count: count,
+                ..Snapshot::default()
+            },
+        )
+    }
+
+    #[test]
+    fn agreement_is_the_mean_of_the_intervals_comparisons_over_gateway_pods() {
+        let since = Timestamp::from_second(1_000).unwrap();
+        let baseline = base(&[gateway("g1", 90.0, 100.0), gateway("g2", 9.5, 10.0)]);
+        // g1 compared 10 more answers at 0.9; g2 compared none.
+        let after = [gateway("g1", 99.0, 110.0), gateway("g2", 9.5, 10.0)];
+        let got = agreement(&baseline, since, &after).unwrap();
+        assert!((got - 0.9).abs() < 1e-12, "{got}");
+        // g2 restarted and compared 4 answers at 1.0: counted from zero.
+        let restarted = [gateway("g1", 99.0, 110.0), gateway("g2", 4.0, 4.0)];
+        let got = agreement(&baseline, since, &restarted).unwrap();
+        assert!((got - 13.0 / 14.0).abs() < 1e-12, "{got}");
+        assert_eq!(
+            agreement(&baseline, since, &after[1..]),
+            None,
+            "nothing new"
+        );
+        // A gateway that was running but missing from the baseline waits an interval.
+        assert_eq!(agreement(&[], since, &after[..1]), None);
+    }
+
+    #[test]
+    fn output_agreement_fails_under_min_and_is_inconclusive_unmeasured() {
+        let w = |agreement| Window {
+            requests: 100.0,
+            error_rate: 0.0,
+            p50_ms: 5.0,
+            p95_ms: 10.0,
+            p99_ms: 20.0,
+            load: 0.5,
+            agreement,
+        };
+        let checks = vec![
+            check(AnalysisMetric::ErrorRate, Some(0.05), None),
+            MetricCheck {
+                min: Some(0.995),
+                ..check(AnalysisMetric::OutputAgreement, None, None)
+            },
+        ];
+        assert_eq!(
+            judge(&checks, Some(&w(Some(0.999))), None),
+            Measurement::Pass
+        );
+        let Measurement::Fail(why) = judge(&checks, Some(&w(Some(0.93))), None) else {
+            panic!("a Q4_0-like agreement should fail")
+        };
+        assert_eq!(why, "outputAgreement 0.930 < min 0.995");
+        // Nothing compared: not a pass, unless another check already failed.
+        assert_eq!(
+            judge(&checks, Some(&w(None)), None),
+            Measurement::Inconclusive
+        );
+        let mut sick = w(None);
+        sick.error_rate = 0.5;
+        assert!(matches!(
+            judge(&checks, Some(&sick), None),
+            Measurement::Fail(_)
+        ));
+    }
+
+    #[test]
+    fn a_measurement_reads_the_gateways_agreement_for_the_candidate() {
+        let spec: AnalysisSpec = serde_json::from_value(serde_json::json!({
+            "interval": "10s", "checks": [{"metric": "outputAgreement", "min": 0.995}]}))
+        .unwrap();
+        let t = |s| Timestamp::from_second(s).unwrap();
+        let buckets = |n: f64| [(0.01, n), (f64::INFINITY, n)];
+        let canary = |n| [pod("c", 0, snap(n, 0.0, &buckets(n), 0.1))];
+        let scrapes = |c: &'static [PodSnapshot], g: &'static [PodSnapshot]| Scrapes {
+            candidate: Some(c),
+            stable: None,
+            gateways: Some(g),
+        };
+        let c0: &'static [PodSnapshot] = Box::leak(Box::new(canary(10.0)));
+        let g0: &'static [PodSnapshot] = Box::leak(Box::new([gateway("g", 0.0, 0.0)]));
+        let (m, status) = measure(&spec, "r2", None, scrapes(c0, g0), t(1_000));
+        assert_eq!(m, None, "the first scrape is the baseline");
+        let c1: &'static [PodSnapshot] = Box::leak(Box::new(canary(60.0)));
+        let g1: &'static [PodSnapshot] = Box::leak(Box::new([gateway("g", 9.0, 10.0)]));
+        let (m, status) = measure(&spec, "r2", Some(&status), scrapes(c1, g1), t(1_010));
+        assert_eq!(
+            m,
+            Some(Measurement::Fail(
+                "outputAgreement 0.900 < min 0.995".into()
+            ))
+        );
+        assert_eq!(status.values.get("outputAgreement"), Some(&0.9));
+        assert_eq!(status.baseline.as_ref().unwrap().gateway_pods.len(), 1);
+        // No comparisons in the next interval: inconclusive, and said why.
+        let c2: &'static [PodSnapshot] = Box::leak(Box::new(canary(90.0)));
+        let (m, status) = measure(&spec, "r2", Some(&status), scrapes(c2, g1), t(1_020));
+        assert_eq!(m, Some(Measurement::Inconclusive));
+        assert!(
+            status.message.contains("no answers were compared"),
+            "{}",
+            status.message
+        );
     }
 }

@@ -19,8 +19,7 @@ use super::security;
 use super::workload::{Settings, http_service, labels, meta, pin_regions, probe, stamp};
 use crate::api::edge_deployment::{Balancing, EdgeDeployment, GatewayRouting};
 
-/// The component label of gateway pods.
-pub const GATEWAY_COMPONENT: &str = "gateway";
+pub use super::names::GATEWAY_COMPONENT;
 
 /// Name of the gateway's Deployment, ServiceAccount and RoleBinding.
 pub fn gateway_name(ed: &EdgeDeployment) -> String {
@@ -167,6 +166,7 @@ mod tests {
         let routing = GatewayRouting {
             balancing: Balancing::RoundRobin,
             replicas: 2,
+            ..GatewayRouting::default()
         };
         let d = deployment(&settings(), &ed, &routing, &["eu-west-1".into()]);
         assert_eq!(d.name_any(), format!("{}-gateway", ed.name_any()));

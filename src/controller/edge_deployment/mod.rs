@@ -80,14 +80,16 @@ pub async fn run(
     let services = watch::children(&client, owned, writers.services, super::cache::slim);
     // Runtime pods belong to ReplicaSets, not to the EdgeDeployment: they map to it by label,
     // so a revision whose pods crash (a refused artifact) wakes it at once instead of at its
-    // next requeue; analysis reads their addresses from the cache.
-    let runtime = format!(
-        "{},{}={}",
+    // next requeue; analysis reads their addresses (and the gateway pods', for the answers
+    // they compared) from the cache.
+    let serving = format!(
+        "{},{} in ({},{})",
         names::NAME_LABEL,
         names::COMPONENT_LABEL,
-        names::RUNTIME_COMPONENT
+        names::RUNTIME_COMPONENT,
+        names::GATEWAY_COMPONENT
     );
-    let pods = watch::children(&client, &runtime, writers.pods, watch::slim_pod);
+    let pods = watch::children(&client, &serving, writers.pods, watch::slim_pod);
     let controller = Controller::for_stream(edge_deployments, eds)
         .with_config(config)
         .watches_stream(jobs, |job| by_name_label(&job))

@@ -14,6 +14,8 @@ pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 /// The component of the serving pods (build, retention and cleanup Jobs' pods are `build`,
 /// `retention`, `cleanup`).
 pub const RUNTIME_COMPONENT: &str = "runtime";
+/// The component of `kasmina gateway` pods.
+pub const GATEWAY_COMPONENT: &str = "gateway";
 
 /// The label selector of the runtime pods of `name` (of one revision, if given): the scale
 /// subresource, the Services, scrapes. Build and retention pods carry the name too.

@@ -423,21 +423,48 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
                 .stable
                 .as_deref()
                 .map(|rev| watch::revision_pods(&cached.pods, &ns, &name, rev));
+            // The gateway pods hold the agreement of the candidate's answers with stable's.
+            let gateway_pods = analysis::compares_outputs(spec)
+                .then(|| watch::gateway_pods(&cached.pods, &ns, &name));
+            let agreement = scrape::Reading::Agreement {
+                revision: candidate.to_owned(),
+            };
             let mut snapshots = vec![];
-            for list in [Some(&candidate_pods), stable_pods.as_ref()] {
+            for (list, reading, port) in [
+                (
+                    Some(&candidate_pods),
+                    &scrape::Reading::Runtime,
+                    ctx.metrics_port,
+                ),
+                (
+                    stable_pods.as_ref(),
+                    &scrape::Reading::Runtime,
+                    ctx.metrics_port,
+                ),
+                (
+                    gateway_pods.as_ref(),
+                    &agreement,
+                    names::RUNTIME_PORT as u16,
+                ),
+            ] {
                 let Some(list) = list else {
                     snapshots.push(None);
                     continue;
                 };
-                let endpoints = scrape::endpoints(list, ctx.metrics_port);
-                snapshots.push(scrape::revision(&ctx.http, &endpoints, SCRAPE_TIMEOUT).await);
+                let endpoints = scrape::endpoints(list, port);
+                snapshots
+                    .push(scrape::revision(&ctx.http, &endpoints, SCRAPE_TIMEOUT, reading).await);
             }
+            let scrapes = analysis::Scrapes {
+                candidate: snapshots[0].as_deref(),
+                stable: snapshots[1].as_deref(),
+                gateways: snapshots[2].as_deref(),
+            };
             seen.analysis = Some(analysis::measure(
                 spec,
                 candidate,
                 status.analysis.as_ref(),
-                snapshots[0].as_deref(),
-                snapshots[1].as_deref(),
+                scrapes,
                 now,
             ));
         }

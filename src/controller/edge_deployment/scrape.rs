@@ -1,5 +1,5 @@
 //! Reads the runtime pods' `/metrics` (Prometheus text, parsed by `prometheus-parse`) into the
-//! counters analysis needs, per pod. Scrapes run at most `MAX_CONCURRENT_SCRAPES` at once, each
+//! counters analysis needs, per pod, and the gateway pods' into their agreement counters. Scrapes run at most `MAX_CONCURRENT_SCRAPES` at once, each
 //! with a timeout; a pod that does not answer is left out, as Prometheus leaves out a failed
 //! target.
 
@@ -90,6 +90,28 @@ pub fn parse(text: &str) -> std::io::Result<Snapshot> {
     Ok(snap)
 }
 
+/// A gateway's agreement counters for the candidate `revision` (the sum and count of its
+/// `kasmina_gateway_output_agreement` histogram), in one exposition.
+pub fn parse_agreement(text: &str, revision: &str) -> std::io::Result<Snapshot> {
+    use prometheus_parse::{Scrape, Value};
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+    let mut snap = Snapshot::default();
+    for sample in &scrape.samples {
+        if sample.labels.get("revision") != Some(revision) {
+            continue;
+        }
+        let (Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v)) = sample.value else {
+            continue;
+        };
+        match sample.metric.as_str() {
+            "kasmina_gateway_output_agreement_sum" => snap.agreement_sum += v,
+            "kasmina_gateway_output_agreement_count" => snap.agreement_count += v,
+            _ => {}
+        }
+    }
+    Ok(snap)
+}
+
 /// Adds `v` to a gauge that may not have been seen yet.
 fn add(gauge: &mut Option<f64>, v: f64) {
     *gauge = Some(gauge.unwrap_or(0.0) + v);
@@ -112,11 +134,28 @@ pub fn sum(snapshots: &[Snapshot]) -> Option<Snapshot> {
     Some(total)
 }
 
-/// Scrapes one runtime endpoint.
+/// How one exposition is read: a runtime's counters, or a gateway's for one revision.
+#[derive(Clone, Debug)]
+pub enum Reading {
+    Runtime,
+    Agreement { revision: String },
+}
+
+impl Reading {
+    fn parse(&self, text: &str) -> std::io::Result<Snapshot> {
+        match self {
+            Reading::Runtime => parse(text),
+            Reading::Agreement { revision } => parse_agreement(text, revision),
+        }
+    }
+}
+
+/// Scrapes one endpoint.
 pub async fn scrape(
     http: &reqwest::Client,
     url: &str,
     timeout: Duration,
+    reading: &Reading,
 ) -> Result<Snapshot, Error> {
     let response = http
         .get(url)
@@ -140,7 +179,7 @@ pub async fn scrape(
                 url: url.to_owned(),
                 source,
             })?;
-    parse(&body).map_err(|source| Error::Parse {
+    reading.parse(&body).map_err(|source| Error::Parse {
         url: url.to_owned(),
         source,
     })
@@ -186,14 +225,16 @@ pub async fn revision(
     http: &reqwest::Client,
     endpoints: &[Endpoint],
     timeout: Duration,
+    reading: &Reading,
 ) -> Option<Vec<PodSnapshot>> {
     // Owned items and a cloned client (an Arc) keep the futures free of borrowed lifetimes,
     // which the controller's `Send` bound needs.
     let answered: Vec<PodSnapshot> = futures::stream::iter(endpoints.to_vec())
         .map(|e| {
             let http = http.clone();
+            let reading = reading.clone();
             async move {
-                match scrape(&http, &e.url, timeout).await {
+                match scrape(&http, &e.url, timeout, &reading).await {
                     Ok(snapshot) => Some(PodSnapshot {
                         pod: e.pod,
                         started: e.started,

@@ -13,14 +13,16 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use super::names::{COMPONENT_LABEL, NAME_LABEL, REVISION_LABEL, RUNTIME_COMPONENT};
+use super::names::{
+    COMPONENT_LABEL, GATEWAY_COMPONENT, NAME_LABEL, REVISION_LABEL, RUNTIME_COMPONENT,
+};
 use crate::api::EdgeDeployment;
 use crate::api::condition;
 use crate::controller::cache;
 use crate::controller::compliance_profile::rules::COMPLIANT;
 
 /// The children of every EdgeDeployment (objects labelled with its name), and its runtime
-/// pods, kept current.
+/// and gateway pods, kept current.
 #[derive(Clone)]
 pub struct ChildCaches {
     pub jobs: Store<Job>,
@@ -111,11 +113,27 @@ pub fn slim_pod(pod: &mut Pod) {
 
 /// The runtime pods of one revision of EdgeDeployment `name` in `ns`.
 pub fn revision_pods(pods: &Store<Pod>, ns: &str, name: &str, revision: &str) -> Vec<Pod> {
-    let wanted = [
-        (NAME_LABEL, name),
-        (COMPONENT_LABEL, RUNTIME_COMPONENT),
-        (REVISION_LABEL, revision),
-    ];
+    labelled(
+        pods,
+        ns,
+        &[
+            (NAME_LABEL, name),
+            (COMPONENT_LABEL, RUNTIME_COMPONENT),
+            (REVISION_LABEL, revision),
+        ],
+    )
+}
+
+/// The `kasmina gateway` pods of EdgeDeployment `name` in `ns`.
+pub fn gateway_pods(pods: &Store<Pod>, ns: &str, name: &str) -> Vec<Pod> {
+    labelled(
+        pods,
+        ns,
+        &[(NAME_LABEL, name), (COMPONENT_LABEL, GATEWAY_COMPONENT)],
+    )
+}
+
+fn labelled(pods: &Store<Pod>, ns: &str, wanted: &[(&str, &str)]) -> Vec<Pod> {
     pods.state()
         .iter()
         .filter(|p| {

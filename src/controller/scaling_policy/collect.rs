@@ -128,10 +128,12 @@ pub async fn scrape_pods(
             async move {
                 let scraped = match &pod.url {
                     None => Scraped::Unready,
-                    Some(url) => match scrape::scrape(&http, url, timeout).await {
-                        Ok(snapshot) => Scraped::Ok(snapshot),
-                        Err(error) => Scraped::Failed(error_chain(&error)),
-                    },
+                    Some(url) => {
+                        match scrape::scrape(&http, url, timeout, &scrape::Reading::Runtime).await {
+                            Ok(snapshot) => Scraped::Ok(snapshot),
+                            Err(error) => Scraped::Failed(error_chain(&error)),
+                        }
+                    }
                 };
                 (pod.name, scraped)
             }
