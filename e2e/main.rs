@@ -35,6 +35,7 @@ scenarios! {
     gateway_route => gateway_route;
     gateway => gateway;
     output_agreement => output_agreement;
+    scale_from_zero => scale_from_zero;
     bad_input => bad_input;
     /// Kills and restarts operator replicas: `just e2e` runs it alone, after the others.
     operator_faults => faults;

@@ -1,5 +1,6 @@
 //! `kasmina gateway` against fake runtimes on loopback: exact weights, pinning, a retry on
-//! another pod, hop-by-hop headers, bounds and JSON errors; mirrored answers compared.
+//! another pod, hop-by-hop headers, bounds and JSON errors; mirrored answers compared; a request
+//! held at zero replicas until the woken pod is ready.
 
 mod common;
 
@@ -17,6 +18,7 @@ use kasmina::api::edge_deployment::Balancing;
 use kasmina::controller::edge_deployment::scrape::parse_agreement;
 use kasmina::gateway::proxy::{Gateway, Limits};
 use kasmina::gateway::routes::{Split, Table};
+use kasmina::gateway::wake::{HoldLimits, Holding, Wake, WakeError, Woken};
 use kasmina::gateway::{self, fixed_table};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -51,15 +53,22 @@ async fn dead_address() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
-async fn start(table: Table, max_body_bytes: usize) -> (SocketAddr, CancellationToken) {
-    let gw = Arc::new(Gateway::new(
+fn gateway(max_body_bytes: usize) -> Gateway {
+    Gateway::new(
         Balancing::PowerOfTwoChoices,
         Limits {
             max_body_bytes,
             connect_timeout: Duration::from_secs(1),
             upstream_timeout: Duration::from_secs(5),
         },
-    ));
+    )
+}
+
+async fn start(table: Table, max_body_bytes: usize) -> (SocketAddr, CancellationToken) {
+    serve(Arc::new(gateway(max_body_bytes)), table).await
+}
+
+async fn serve(gw: Arc<Gateway>, table: Table) -> (SocketAddr, CancellationToken) {
     gw.set_table(table);
     gw.health.set_ready(true);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -263,4 +272,44 @@ async fn mirrored_requests_measure_the_canarys_agreement_and_never_reach_the_cal
         text.contains(r#"kasmina_gateway_mirrored_total{revision="c",outcome="compared"} 20"#),
         "{text}"
     );
+}
+
+/// A wake that reports each call on a channel (the test then starts the "pod").
+struct Woke(tokio::sync::mpsc::UnboundedSender<()>);
+
+impl Wake for Woke {
+    fn wake(&self) -> std::pin::Pin<Box<dyn Future<Output = Result<Woken, WakeError>> + Send>> {
+        let _ = self.0.send(());
+        Box::pin(async { Ok(Woken::Scaled) })
+    }
+}
+
+#[tokio::test]
+async fn at_zero_replicas_a_request_is_held_until_the_woken_pod_is_ready() {
+    let (woke, mut wakes) = tokio::sync::mpsc::unbounded_channel();
+    let limits = HoldLimits {
+        max_held: 4,
+        max_wait: Duration::from_secs(5),
+    };
+    let gw = Arc::new(gateway(1 << 20).holding(Holding::new(Arc::new(Woke(woke)), limits)));
+    let at_zero = |pods| {
+        let split = Split {
+            stable: Some("s".into()),
+            ..Split::default()
+        };
+        Table::default().next(split, pods)
+    };
+    let (addr, _stop) = serve(gw.clone(), at_zero(BTreeMap::new())).await;
+    let held = tokio::spawn(async move { infer(addr, &[]).await });
+    // The wake is asked for; then the pod is Ready and the table says so.
+    wakes.recv().await.expect("a wake");
+    let pod = runtime("stable").await;
+    gw.set_table(at_zero(BTreeMap::from([(
+        "s".to_owned(),
+        vec![("s-pod".to_owned(), pod)],
+    )])));
+    let r = held.await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["model_version"], "stable");
+    assert!(wakes.try_recv().is_err(), "one wake");
 }

@@ -10,3 +10,4 @@ pub mod gateway_route;
 pub mod install;
 pub mod lifecycle;
 pub mod output_agreement;
+pub mod scale_from_zero;

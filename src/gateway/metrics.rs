@@ -1,6 +1,7 @@
 //! The gateway's metrics (docs/gateway.md lists them): per revision its requests by status
 //! code, latency, retries, upstream failures, requests in flight and ready pods; the canary
-//! weight in force; the requests mirrored to the canary and how far its answers agree.
+//! weight in force; the requests mirrored to the canary and how far its answers agree; the
+//! requests held while a revision wakes from zero, and the wakes.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -35,6 +36,13 @@ pub struct MirrorLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WakeLabels {
+    pub revision: String,
+    /// scaled | already | failed
+    pub outcome: &'static str,
+}
+
 /// Agreement buckets: fine near 1, where quantized models differ.
 const AGREEMENT_BUCKETS: [f64; 11] = [
     0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9999, 1.0,
@@ -50,6 +58,8 @@ pub struct Metrics {
     pub canary_weight: Gauge,
     pub mirrored: Family<MirrorLabels, Counter>,
     pub agreement: Family<RevisionLabels, Histogram>,
+    pub held: Family<RevisionLabels, Gauge>,
+    pub wakes: Family<WakeLabels, Counter>,
 }
 
 impl Metrics {
@@ -69,6 +79,8 @@ impl Metrics {
             agreement: Family::new_with_constructor(|| {
                 Histogram::new(AGREEMENT_BUCKETS.iter().copied())
             }),
+            held: Family::default(),
+            wakes: Family::default(),
         };
         registry.register(
             "kasmina_gateway_requests",
@@ -118,7 +130,31 @@ impl Metrics {
              difference of other FP32 outputs",
             metrics.agreement.clone(),
         );
+        registry.register(
+            "kasmina_gateway_held_requests",
+            "Requests waiting for a ready pod of a revision woken from zero replicas",
+            metrics.held.clone(),
+        );
+        registry.register(
+            "kasmina_gateway_wakes",
+            "Wakes of a revision with no ready pod through the EdgeDeployment's scale \
+             subresource, by outcome (scaled: 0 to 1; already: replicas were set; failed)",
+            metrics.wakes.clone(),
+        );
         metrics
+    }
+
+    pub fn held(&self, revision: &str) -> Gauge {
+        self.held.get_or_create(&Self::revision(revision)).clone()
+    }
+
+    pub fn woke(&self, revision: &str, outcome: &'static str) {
+        self.wakes
+            .get_or_create(&WakeLabels {
+                revision: revision.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     pub fn mirrored(&self, canary: &str, outcome: &'static str) {

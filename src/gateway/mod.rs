@@ -10,6 +10,7 @@ pub mod mirror;
 pub mod proxy;
 pub mod routes;
 pub mod split;
+pub mod wake;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -31,10 +32,12 @@ use crate::telemetry::{DrainError, json_error, metrics_response, serve_draining}
 use proxy::{Gateway, Limits};
 use routes::{Split, Table};
 
-/// What the gateway reads through the API server: the chart's gateway ClusterRole grants
-/// exactly this (tests/chart.rs), bound per namespace by the controller.
+/// What the gateway reads and writes through the API server: the chart's gateway ClusterRole
+/// grants exactly this (tests/chart.rs), bound per namespace by the controller. The scale
+/// subresource wakes a revision scaled to zero.
 pub const PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("kasmina.dev", "edgedeployments", &["get", "list", "watch"]),
+    ("kasmina.dev", "edgedeployments/scale", &["get", "patch"]),
     ("", "pods", &["list", "watch"]),
 ];
 
@@ -52,6 +55,9 @@ pub enum Error {
     #[error(transparent)]
     Drain(#[from] DrainError),
 }
+
+/// Bound of each call to the scale subresource when waking a revision.
+const WAKE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `kasmina gateway` options.
 #[derive(Clone, Debug, clap::Args)]
@@ -104,6 +110,13 @@ pub struct Options {
     /// Longest wait for requests in flight after the listener closes.
     #[arg(long, default_value = "30s")]
     pub drain_timeout: KubeDuration,
+    /// With --edge-deployment: requests held at most at once while the stable revision has no
+    /// ready pod (scaled to zero) and is woken; more get 503 at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_held_requests: usize,
+    /// With --edge-deployment: longest a request is held for a woken revision's pod; then 503.
+    #[arg(long, default_value = "30s")]
+    pub hold_timeout: KubeDuration,
 }
 
 fn parse_backend(s: &str) -> Result<(String, SocketAddr), String> {
@@ -191,13 +204,23 @@ async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
 
 /// Routes until `shutdown` fires and the drain ends.
 pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), Error> {
-    let gateway = Arc::new(Gateway::new(options.balancing, options.limits()));
-    if options.backend.is_empty() {
+    let gateway = Gateway::new(options.balancing, options.limits());
+    let gateway = if options.backend.is_empty() {
         let name = options
             .edge_deployment
             .clone()
             .ok_or_else(|| Error::Config("--edge-deployment or --backend is required".into()))?;
         let client = kube::Client::try_default().await?;
+        let scale = wake::ScaleSubresource {
+            api: kube::Api::namespaced(client.clone(), &options.namespace),
+            name: name.clone(),
+            timeout: WAKE_CALL_TIMEOUT,
+        };
+        let limits = wake::HoldLimits {
+            max_held: options.max_held_requests,
+            max_wait: options.hold_timeout.as_std(),
+        };
+        let gateway = Arc::new(gateway.holding(wake::Holding::new(Arc::new(scale), limits)));
         tokio::spawn(watch::follow(
             client,
             options.namespace.clone(),
@@ -206,7 +229,9 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), Er
             shutdown.child_token(),
         ));
         tracing::info!(edge_deployment = %name, namespace = %options.namespace, balancing = ?options.balancing, "routing");
+        gateway
     } else {
+        let gateway = Arc::new(gateway);
         gateway.set_table(fixed_table(
             &options.backend,
             options.canary_weight,
@@ -214,7 +239,8 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), Er
         ));
         gateway.health.set_ready(true);
         tracing::info!(split = ?gateway.table().split, balancing = ?options.balancing, "routing to fixed backends");
-    }
+        gateway
+    };
     let addr = SocketAddr::new(options.host, options.port);
     let listener = TcpListener::bind(addr)
         .await

@@ -23,6 +23,7 @@ use super::metrics::Metrics;
 use super::mirror;
 use super::routes::{Pod, Table};
 use super::split::{self, PIN_HEADER, Refusal};
+use super::wake::Holding;
 use crate::api::edge_deployment::Balancing;
 use crate::runtime::protocol::HEADER_LENGTH;
 use crate::runtime::server::LOAD_HEADER;
@@ -57,7 +58,9 @@ pub struct Gateway {
     /// Mirrors in flight (at most `mirror::MAX_IN_FLIGHT`).
     mirrors: Arc<AtomicUsize>,
     turn: AtomicUsize,
-    pub metrics: Metrics,
+    /// Requests held while a revision with no ready pod wakes (with `--edge-deployment`).
+    holding: Option<Holding>,
+    pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
     pub health: Arc<Health>,
 }
@@ -82,10 +85,18 @@ impl Gateway {
             mirrorable: AtomicU64::new(0),
             mirrors: Arc::new(AtomicUsize::new(0)),
             turn: AtomicUsize::new(0),
-            metrics,
+            holding: None,
+            metrics: Arc::new(metrics),
             registry: Arc::new(registry),
             health: Arc::new(Health::default()),
         }
+    }
+
+    /// Holds the requests for a stable revision with no ready pod and wakes it, instead of
+    /// answering 503 at once.
+    pub fn holding(mut self, holding: Holding) -> Self {
+        self.holding = Some(holding);
+        self
     }
 
     pub fn table(&self) -> Arc<Table> {
@@ -103,6 +114,10 @@ impl Gateway {
         };
         self.metrics.routes(&table, &slot);
         *slot = Arc::new(table);
+        drop(slot);
+        if let Some(holding) = &self.holding {
+            holding.table_changed();
+        }
     }
 }
 
@@ -190,6 +205,20 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
             return json_error(StatusCode::NOT_FOUND, &refusal.to_string());
         }
         Err(refusal @ Refusal::NoRevision) => return unavailable(&refusal.to_string()),
+    };
+    // Stable with no ready pod (scaled to zero): wait for the pod it is woken to start.
+    let table = match &gateway.holding {
+        Some(holding)
+            if table.pods(&revision).is_empty()
+                && table.split.stable.as_deref() == Some(revision.as_str()) =>
+        {
+            let now = || gateway.table();
+            match holding.until_ready(&revision, now, &gateway.metrics).await {
+                Ok(table) => table,
+                Err(refusal) => return unavailable(&refusal.to_string()),
+            }
+        }
+        _ => table,
     };
     let infer = parts.method == axum::http::Method::POST && parts.uri.path().ends_with("/infer");
     let mirror_to = mirror::target(&table, &revision, pin.is_some(), infer, || {
