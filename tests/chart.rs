@@ -281,25 +281,15 @@ fn exported_metrics() -> BTreeSet<String> {
     metrics.reconcile_failed("scalingpolicy", "scale");
     let mut gateway = Registry::default();
     let g = kasmina::gateway::metrics::Metrics::new(&mut gateway);
-    let revision = || kasmina::gateway::metrics::RevisionLabels {
-        revision: "r".into(),
-    };
-    g.requests
-        .get_or_create(&kasmina::gateway::metrics::CodeLabels {
+    g.answered("r", 200, 0.001);
+    g.retried("r");
+    g.upstream_error("r", "connect");
+    g.inflight("r").set(1);
+    g.ready_pods
+        .get_or_create(&kasmina::gateway::metrics::RevisionLabels {
             revision: "r".into(),
-            code: "200".into(),
         })
-        .inc();
-    g.duration.get_or_create(&revision()).observe(0.001);
-    g.retries.get_or_create(&revision()).inc();
-    g.upstream_errors
-        .get_or_create(&kasmina::gateway::metrics::ErrorLabels {
-            revision: "r".into(),
-            kind: "connect".into(),
-        })
-        .inc();
-    g.inflight.get_or_create(&revision()).set(1);
-    g.ready_pods.get_or_create(&revision()).set(1);
+        .set(1);
     g.mirrored("r", "compared");
     g.agreed("r", 0.999);
     let mut text = String::new();

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::routes::Table;
 use super::split::takes_canary;
+use crate::runtime::protocol::split_binary;
 
 /// Mirrors in flight at once per gateway: past it a sampled request is not mirrored, so the
 /// comparison never queues work on the canary faster than it answers.
@@ -74,16 +75,13 @@ struct RawOutput {
 /// `inference-header-content-length` (binary extension: raw values follow the JSON, in the
 /// order of the outputs that carry `binary_data_size`).
 pub fn outputs(body: &[u8], json_length: Option<usize>) -> Result<Vec<Output>, Incomparable> {
-    let (json, mut binary) = match json_length {
-        Some(n) if n <= body.len() => body.split_at(n),
-        Some(n) => {
-            return Err(Incomparable::NotOip(format!(
-                "JSON length {n} is past the {}-byte body",
-                body.len()
-            )));
-        }
-        None => (body, &[][..]),
-    };
+    let (json, mut binary) = split_binary(body, json_length).ok_or_else(|| {
+        Incomparable::NotOip(format!(
+            "JSON length {} is past the {}-byte body",
+            json_length.unwrap_or_default(),
+            body.len()
+        ))
+    })?;
     let answer: Answer =
         serde_json::from_slice(json).map_err(|e| Incomparable::NotOip(e.to_string()))?;
     let mut out = vec![];

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod proxy;
 pub mod routes;
+pub mod slot;
 pub mod split;
 pub mod wake;
 pub mod watch;

@@ -22,6 +22,7 @@ use super::balancer;
 use super::metrics::Metrics;
 use super::mirror;
 use super::routes::{Pod, Table};
+use super::slot::Slot;
 use super::split::{self, PIN_HEADER, Refusal};
 use super::wake::Holding;
 use crate::api::edge_deployment::Balancing;
@@ -302,26 +303,6 @@ async fn attempts(
     json_error(StatusCode::BAD_GATEWAY, "no attempt answered")
 }
 
-/// Counts one mirror in flight until dropped.
-struct MirrorSlot(Arc<AtomicUsize>);
-
-impl MirrorSlot {
-    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
-        let taken = count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < mirror::MAX_IN_FLIGHT).then_some(n + 1)
-            })
-            .is_ok();
-        taken.then(|| Self(count.clone()))
-    }
-}
-
-impl Drop for MirrorSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 fn json_length(headers: &HeaderMap) -> Option<usize> {
     headers.get(HEADER_LENGTH)?.to_str().ok()?.parse().ok()
 }
@@ -347,7 +328,7 @@ async fn mirrored(
         .and_then(|v| v.parse::<usize>().ok());
     let slot = length
         .filter(|n| *n <= mirror::MAX_ANSWER_BYTES)
-        .and_then(|_| MirrorSlot::take(&gateway.mirrors));
+        .and_then(|_| Slot::take(&gateway.mirrors, mirror::MAX_IN_FLIGHT));
     let Some(slot) = slot else {
         gateway.metrics.mirrored(&canary, "skipped");
         return response;
@@ -392,7 +373,7 @@ async fn compare(
     parts: axum::http::request::Parts,
     body: Bytes,
     (stable, stable_json): (Bytes, Option<usize>),
-    _slot: MirrorSlot,
+    _slot: Slot,
 ) {
     let outcome = async {
         let pod = balancer::pick(

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::metrics::Metrics;
 use super::routes::Table;
+use super::slot::Slot;
 use crate::api::EdgeDeployment;
 
 /// How many requests may wait for a pod at once, and for how long.
@@ -110,18 +111,20 @@ pub enum NotHeld {
 pub struct Holding {
     wake: Arc<dyn Wake>,
     limits: HoldLimits,
-    held: AtomicUsize,
+    held: Arc<AtomicUsize>,
     waking: Arc<AtomicBool>,
     changed: Notify,
 }
 
-/// One held request, counted until dropped.
-struct Held<'a>(&'a AtomicUsize, prometheus_client::metrics::gauge::Gauge);
+/// One held request, counted (and shown in the revision's gauge) until dropped.
+struct Held {
+    _slot: Slot,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
 
-impl Drop for Held<'_> {
+impl Drop for Held {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-        self.1.dec();
+        self.gauge.dec();
     }
 }
 
@@ -130,7 +133,7 @@ impl Holding {
         Self {
             wake,
             limits,
-            held: AtomicUsize::new(0),
+            held: Arc::new(AtomicUsize::new(0)),
             waking: Arc::new(AtomicBool::new(false)),
             changed: Notify::new(),
         }
@@ -150,20 +153,15 @@ impl Holding {
         metrics: &Arc<Metrics>,
     ) -> Result<Arc<Table>, NotHeld> {
         let max = self.limits.max_held;
-        let taken = self
-            .held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            });
-        if taken.is_err() {
+        let Some(slot) = Slot::take(&self.held, max) else {
             return Err(NotHeld::Full {
                 revision: revision.to_owned(),
                 max,
             });
-        }
+        };
         let gauge = metrics.held(revision);
         gauge.inc();
-        let _held = Held(&self.held, gauge);
+        let _held = Held { _slot: slot, gauge };
         let deadline = Instant::now() + self.limits.max_wait;
         loop {
             // Registered before the look, so a table put in force between the two is not missed.

@@ -17,6 +17,7 @@ use super::proxy::Gateway;
 use super::routes::Split;
 use crate::api::EdgeDeployment;
 use crate::controller::edge_deployment::names::{REVISION_LABEL, RUNTIME_PORT, runtime_selector};
+use crate::controller::edge_deployment::replicas::kasmina_gateway;
 // A runtime pod as the controller caches it: status (IP, readiness) and labels are what is read.
 use crate::controller::edge_deployment::watch::slim_pod;
 
@@ -24,15 +25,13 @@ use crate::controller::edge_deployment::watch::slim_pod;
 /// analysis judges the canary's answers.
 pub fn split_of(ed: &EdgeDeployment) -> Split {
     let rollout = ed.status.as_ref().and_then(|s| s.rollout.as_ref());
-    let strategy = &ed.spec.strategy;
-    let judged = strategy
+    let judged = ed
+        .spec
+        .strategy
         .analysis
         .as_ref()
         .is_some_and(crate::controller::edge_deployment::analysis::compares_outputs);
-    let mirror = strategy
-        .canary
-        .as_ref()
-        .and_then(|c| c.traffic_routing.gateway.as_ref())
+    let mirror = kasmina_gateway(&ed.spec)
         .filter(|_| judged)
         .map_or(0, |g| g.mirror_percent.min(100));
     Split {

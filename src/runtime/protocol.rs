@@ -157,6 +157,16 @@ fn param_usize(params: &Option<Map<String, Value>>, key: &str) -> Option<usize> 
         .map(|v| v as usize)
 }
 
+/// A body of the binary extension as (JSON, tensor bytes after it), `json_length` being its
+/// `Inference-Header-Content-Length` (all JSON without one); None if it is past the body.
+pub fn split_binary(body: &[u8], json_length: Option<usize>) -> Option<(&[u8], &[u8])> {
+    match json_length {
+        Some(n) if n <= body.len() => Some(body.split_at(n)),
+        Some(_) => None,
+        None => Some((body, &[][..])),
+    }
+}
+
 /// Parses a request body. With the binary extension, `json_length` is the value of the
 /// `Inference-Header-Content-Length` header and the tensor bytes follow the JSON.
 pub fn decode(
@@ -164,16 +174,13 @@ pub fn decode(
     json_length: Option<usize>,
     signature: &Signature,
 ) -> Result<Decoded, ProtocolError> {
-    let (json, mut binary) = match json_length {
-        Some(n) if n <= body.len() => body.split_at(n),
-        Some(n) => {
-            return Err(ProtocolError::Malformed(format!(
-                "Inference-Header-Content-Length is {n} but the body has {} bytes",
-                body.len()
-            )));
-        }
-        None => (body, &[][..]),
-    };
+    let (json, mut binary) = split_binary(body, json_length).ok_or_else(|| {
+        ProtocolError::Malformed(format!(
+            "Inference-Header-Content-Length is {} but the body has {} bytes",
+            json_length.unwrap_or_default(),
+            body.len()
+        ))
+    })?;
     let de = &mut serde_json::Deserializer::from_slice(json);
     let request: InferRequest = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

@@ -56,6 +56,8 @@ pub struct PodSnapshot {
 /// Pods kept in a baseline per revision (the schema's bound); a pod past it is left out of the
 /// next interval, as a pod that did not answer is.
 pub const MAX_BASELINE_PODS: usize = 64;
+/// Gateway pods kept in a baseline (the schema's bound: the gateway runs at most 16 replicas).
+pub const MAX_BASELINE_GATEWAYS: usize = 16;
 
 /// What one interval measured.
 #[derive(Clone, Debug, PartialEq)]
@@ -112,10 +114,8 @@ pub fn interval(
     let mut total = Snapshot::default();
     let mut counted = false;
     for p in after {
-        let before = match baseline.iter().find(|b| b.pod == p.pod) {
-            Some(b) => Snapshot::from_counters(&b.counters),
-            None if p.started.is_some_and(|at| at >= since) => Snapshot::default(),
-            None => continue,
+        let Some(before) = before_of(baseline, since, p) else {
+            continue;
         };
         let d = delta(&before, &p.snapshot);
         total.requests += d.requests;
@@ -132,6 +132,16 @@ pub fn interval(
     window_of(&total, load)
 }
 
+/// What `p` counted at the baseline: its own counters there, zero if it started since, None
+/// if it ran then but is not in the baseline (its lifetime totals are not one interval).
+fn before_of(baseline: &[PodCounters], since: Timestamp, p: &PodSnapshot) -> Option<Snapshot> {
+    match baseline.iter().find(|b| b.pod == p.pod) {
+        Some(b) => Some(Snapshot::from_counters(&b.counters)),
+        None if p.started.is_some_and(|at| at >= since) => Some(Snapshot::default()),
+        None => None,
+    }
+}
+
 /// Adds `count` to the bucket with bound `le`, keeping the buckets ascending by bound.
 pub fn add_bucket(buckets: &mut Vec<(f64, f64)>, le: f64, count: f64) {
     match buckets.binary_search_by(|(l, _)| l.total_cmp(&le)) {
@@ -145,19 +155,17 @@ pub fn add_bucket(buckets: &mut Vec<(f64, f64)>, le: f64, count: f64) {
 pub fn agreement(baseline: &[PodCounters], since: Timestamp, after: &[PodSnapshot]) -> Option<f64> {
     let (mut sum, mut count) = (0.0, 0.0);
     for p in after {
-        let (before_sum, before_count) = match baseline.iter().find(|b| b.pod == p.pod) {
-            Some(b) => (b.counters.agreement_sum, b.counters.agreement_count),
-            None if p.started.is_some_and(|at| at >= since) => (0.0, 0.0),
-            None => continue,
+        let Some(before) = before_of(baseline, since, p) else {
+            continue;
         };
         let now = &p.snapshot;
-        // A count that went down restarted: all of it is new.
-        if now.agreement_count < before_count {
+        // A count that went down restarted: all of it is new (sum and count reset together).
+        if now.agreement_count < before.agreement_count {
             sum += now.agreement_sum;
             count += now.agreement_count;
         } else {
-            sum += now.agreement_sum - before_sum;
-            count += now.agreement_count - before_count;
+            sum += now.agreement_sum - before.agreement_sum;
+            count += now.agreement_count - before.agreement_count;
         }
     }
     (count > 0.0).then(|| (sum / count).clamp(0.0, 1.0))
@@ -410,7 +418,12 @@ pub fn measure(
         candidate_pods: counters_of(c),
         stable_pods: stable.map(counters_of).unwrap_or_default(),
         gateway_pods: gateways
-            .map(|g| counters_of(g).into_iter().take(16).collect())
+            .map(|g| {
+                counters_of(g)
+                    .into_iter()
+                    .take(MAX_BASELINE_GATEWAYS)
+                    .collect()
+            })
             .unwrap_or_default(),
     });
     let Some(baseline) = baseline else {

@@ -1,7 +1,7 @@
 //! Reads the runtime pods' `/metrics` (Prometheus text, parsed by `prometheus-parse`) into the
-//! counters analysis needs, per pod, and the gateway pods' into their agreement counters. Scrapes run at most `MAX_CONCURRENT_SCRAPES` at once, each
-//! with a timeout; a pod that does not answer is left out, as Prometheus leaves out a failed
-//! target.
+//! counters analysis needs, per pod, and the gateway pods' into their agreement counters.
+//! Scrapes run at most `MAX_CONCURRENT_SCRAPES` at once, each with a timeout; a pod that does
+//! not answer is left out, as Prometheus leaves out a failed target.
 
 use std::time::Duration;
 
