@@ -292,6 +292,8 @@ fn exported_metrics() -> BTreeSet<String> {
         .set(1);
     g.mirrored("r", "compared");
     g.agreed("r", 0.999);
+    g.held("r").set(1);
+    g.woke("r", "scaled");
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &runtime).unwrap();
     prometheus_client::encoding::text::encode(&mut text, &operator).unwrap();
@@ -376,8 +378,11 @@ fn alerts_and_dashboard_read_exported_metrics_with_the_seed_thresholds() {
         }
     }
     assert!(read.len() >= 7, "{read:?}");
-    // The gateway's panels: its requests, latency, retries and the canary's agreement.
+    // The gateway's panels: its requests, latency, retries, the canary's agreement and the
+    // requests held while a revision wakes from zero.
     for metric in [
+        "kasmina_gateway_held_requests",
+        "kasmina_gateway_wakes_total",
         "kasmina_gateway_requests_total",
         "kasmina_gateway_request_duration_seconds_bucket",
         "kasmina_gateway_retries_total",

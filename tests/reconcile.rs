@@ -712,3 +712,129 @@ async fn scaling_policy_holds_replicas_when_prometheus_is_unreachable() {
     reconcile.await.unwrap().unwrap();
     server.assert_idle();
 }
+
+/// The gateway pod of EdgeDeployment sentiment on `ip`.
+fn gateway_pod(ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "sentiment-gateway-a", "namespace": "ml",
+                        "labels": {"kasmina.dev/edge-deployment": "sentiment",
+                                   "app.kubernetes.io/component": "gateway"}},
+           "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
+#[tokio::test]
+async fn scaling_policy_goes_to_zero_on_the_gateways_idle_window_only() {
+    // An idle runtime pod, and a gateway pod whose answered requests stay at 12.
+    let idle = "# TYPE kasmina_cognitive_load gauge\nkasmina_cognitive_load 0\n# EOF\n";
+    let quiet = "# TYPE kasmina_gateway_requests counter\n\
+                 kasmina_gateway_requests_total{revision=\"aaaa1111\",code=\"200\"} 12\n\
+                 # TYPE kasmina_gateway_held_requests gauge\n\
+                 kasmina_gateway_held_requests{revision=\"aaaa1111\"} 0\n# EOF\n";
+    let (port, runtime_hits) = runtime_metrics("127.0.0.1", 0, idle).await;
+    let (_, gateway_hits) = runtime_metrics("127.0.0.3", port, quiet).await;
+
+    let (client_ctx, mut server) = context();
+    let clock = Arc::new(ManualClock::new(Timestamp::from_second(NOW).unwrap()));
+    let base = Arc::new(Context::new(
+        client_ctx.client.clone(),
+        client_ctx.metrics.clone(),
+        clock.clone(),
+        Some("test".into()),
+    ));
+    let mut ctx = scaling_policy::reconcile::ScalingContext::new(base);
+    ctx.metrics_port = port;
+    let ctx = Arc::new(ctx);
+    let mut policy = scaling_policy(json!([{"type": "CognitiveLoad", "target": 0.7}]));
+    policy.spec.min_replicas = 0;
+    policy.spec.scrape_interval = "5s".parse().unwrap();
+    policy.spec.idle_window = Some("10s".parse().unwrap());
+    let mut ed = serving_edge_deployment(1);
+    ed["spec"]["strategy"] = json!({"type": "Canary",
+        "canary": {"steps": [{"setWeight": 50}], "trafficRouting": {"gateway": {}}}});
+
+    // Three intervals, 5 s apart: idle from the first look (t = 0) to t = 10.
+    for (t, scaled) in [(0, false), (5, false), (10, true)] {
+        let reconcile = tokio::spawn(scaling_policy::reconcile::reconcile(
+            Arc::new(policy.clone()),
+            ctx.clone(),
+        ));
+        server
+            .expect(Method::GET, ED_PATH, StatusCode::OK, |_| ed.clone())
+            .await;
+        server
+            .expect(
+                Method::GET,
+                "/api/v1/namespaces/ml/pods",
+                StatusCode::OK,
+                |_| {
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+                       "items": [runtime_pod("sentiment-a", "127.0.0.1")]})
+                },
+            )
+            .await;
+        let (query, _) = server
+            .expect(
+                Method::GET,
+                "/api/v1/namespaces/ml/pods",
+                StatusCode::OK,
+                |_| {
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+                       "items": [gateway_pod("127.0.0.3")]})
+                },
+            )
+            .await;
+        assert!(
+            query.contains("app.kubernetes.io%2Fcomponent%3Dgateway"),
+            "{query}"
+        );
+        if scaled {
+            let (_, scale) = server
+                .expect(
+                    Method::PATCH,
+                    &format!("{ED_PATH}/scale"),
+                    StatusCode::OK,
+                    |_| {
+                        json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                               "metadata": {"name": "sentiment", "namespace": "ml"},
+                               "spec": {"replicas": 0}, "status": {"replicas": 1}})
+                    },
+                )
+                .await;
+            assert_eq!(scale, json!({"spec": {"replicas": 0}}), "t = {t}");
+        }
+        if t == 5 {
+            // Nothing changed: no status write.
+            reconcile.await.unwrap().unwrap();
+            server.assert_idle();
+            clock.advance(std::time::Duration::from_secs(5));
+            continue;
+        }
+        let answered = policy.clone();
+        let (_, patch) = server
+            .expect(Method::PATCH, SP_STATUS, StatusCode::OK, |_| {
+                serde_json::to_value(&answered).unwrap()
+            })
+            .await;
+        let status: kasmina::api::ScalingPolicyStatus =
+            serde_json::from_value(patch["status"].clone()).unwrap();
+        let reason = |type_: &str| {
+            let c = status.conditions.iter().find(|c| c.type_ == type_).unwrap();
+            c.reason.clone()
+        };
+        if scaled {
+            assert_eq!(status.desired_replicas, Some(0));
+            assert_eq!(reason("ScalingActive"), "IdleWindow");
+            server.expect_event("Normal", "SuccessfulRescale").await;
+        } else {
+            assert_eq!(status.desired_replicas, Some(1), "t = {t}");
+            assert_eq!(reason("ScalingLimited"), "IdleWindow", "t = {t}");
+        }
+        reconcile.await.unwrap().unwrap();
+        server.assert_idle();
+        policy.status = Some(status);
+        clock.advance(std::time::Duration::from_secs(5));
+    }
+    use std::sync::atomic::Ordering;
+    assert_eq!(gateway_hits.load(Ordering::SeqCst), 3);
+    assert_eq!(runtime_hits.load(Ordering::SeqCst), 3);
+}

@@ -53,7 +53,9 @@ pub struct ScalingPolicySpec {
     /// The EdgeDeployment to scale, in the same namespace.
     pub target_ref: TargetRef,
 
-    /// Never fewer replicas than this.
+    /// Never fewer replicas than this. 0 lets the target go to zero after `idleWindow`
+    /// without a request, which needs the target's `trafficRouting.gateway`: the gateway
+    /// holds the next request and wakes it.
     #[serde(default = "default_min_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub min_replicas: i32,
@@ -65,6 +67,11 @@ pub struct ScalingPolicySpec {
     /// How often the runtime pods' metrics are scraped.
     #[serde(default = "default_scrape_interval")]
     pub scrape_interval: Duration,
+
+    /// With `minReplicas: 0`: how long the gateway must see no request, none in flight and
+    /// none held, before the target goes to zero. Default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_window: Option<Duration>,
 
     /// The metrics to scale on; the largest proposal wins.
     #[schemars(length(min = 1, max = 16))]
@@ -89,6 +96,18 @@ fn default_min_replicas() -> i32 {
 
 fn default_scrape_interval() -> Duration {
     Duration::from_secs(5)
+}
+
+/// The idle window when `idleWindow` is not set (KEDA's default cooldown).
+pub const DEFAULT_IDLE_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl ScalingPolicySpec {
+    /// How long the target must be idle before it goes to zero.
+    pub fn idle_window(&self) -> std::time::Duration {
+        self.idle_window
+            .as_ref()
+            .map_or(DEFAULT_IDLE_WINDOW, Duration::as_std)
+    }
 }
 
 /// The object a ScalingPolicy scales.
@@ -382,6 +401,18 @@ impl ScalingPolicySpec {
             errors.push(
                 "spec.scrapeInterval",
                 format!("{} is shorter than the 1s minimum", self.scrape_interval),
+            );
+        }
+        if let Some(window) = &self.idle_window
+            && window.as_std() < 2 * self.scrape_interval.as_std()
+        {
+            // One scrape cannot tell a quiet interval from a missed one.
+            errors.push(
+                "spec.idleWindow",
+                format!(
+                    "{window} is shorter than two spec.scrapeInterval ({})",
+                    self.scrape_interval
+                ),
             );
         }
         if self.metrics.is_empty() {

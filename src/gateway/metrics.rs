@@ -43,6 +43,23 @@ pub struct WakeLabels {
     pub outcome: &'static str,
 }
 
+/// The values of the labels with a fixed set, for dropping a revision's series.
+const UPSTREAM_ERROR_KINDS: [&str; 3] = ["connect", "timeout", "closed"];
+const MIRROR_OUTCOMES: [&str; 4] = ["compared", "incomparable", "failed", "skipped"];
+const WAKE_OUTCOMES: [&str; 3] = ["scaled", "already", "failed"];
+
+/// The revisions a table routes to: those with ready pods, and stable and canary even with
+/// none (a stable at zero replicas holds its requests).
+fn routed(table: &super::routes::Table) -> std::collections::BTreeSet<&str> {
+    let split = [&table.split.stable, &table.split.canary];
+    table
+        .revisions
+        .keys()
+        .map(String::as_str)
+        .chain(split.into_iter().flatten().map(String::as_str))
+        .collect()
+}
+
 /// Agreement buckets: fine near 1, where quantized models differ.
 const AGREEMENT_BUCKETS: [f64; 11] = [
     0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9999, 1.0,
@@ -172,6 +189,45 @@ impl Metrics {
             .observe(agreement);
     }
 
+    /// Drops every series of `revision` (a rollout's old stable, an aborted canary), so that a
+    /// gateway living through many rollouts exports the revisions it routes, not every one it
+    /// has known. An answer still on its way re-creates its series once.
+    fn forget(&self, revision: &str) {
+        let labels = Self::revision(revision);
+        self.duration.remove(&labels);
+        self.retries.remove(&labels);
+        self.inflight.remove(&labels);
+        self.ready_pods.remove(&labels);
+        self.agreement.remove(&labels);
+        self.held.remove(&labels);
+        let revision = revision.to_owned();
+        // Status codes are whatever the pods answered: every one there can be.
+        for code in 100..600u16 {
+            self.requests.remove(&CodeLabels {
+                revision: revision.clone(),
+                code: code.to_string(),
+            });
+        }
+        for kind in UPSTREAM_ERROR_KINDS {
+            self.upstream_errors.remove(&ErrorLabels {
+                revision: revision.clone(),
+                kind: kind.to_owned(),
+            });
+        }
+        for outcome in MIRROR_OUTCOMES {
+            self.mirrored.remove(&MirrorLabels {
+                revision: revision.clone(),
+                outcome,
+            });
+        }
+        for outcome in WAKE_OUTCOMES {
+            self.wakes.remove(&WakeLabels {
+                revision: revision.clone(),
+                outcome,
+            });
+        }
+    }
+
     fn revision(revision: &str) -> RevisionLabels {
         RevisionLabels {
             revision: revision.to_owned(),
@@ -209,12 +265,17 @@ impl Metrics {
             .clone()
     }
 
-    /// The table changed: ready pods per revision, revisions gone drop their gauge.
+    /// The table changed: ready pods per revision, revisions gone drop their gauge, and a
+    /// revision the gateway no longer routes to at all drops every series.
     pub fn routes(&self, table: &super::routes::Table, previous: &super::routes::Table) {
         for revision in previous.revisions.keys() {
             if !table.revisions.contains_key(revision) {
                 self.ready_pods.remove(&Self::revision(revision));
             }
+        }
+        let now = routed(table);
+        for revision in routed(previous).difference(&now) {
+            self.forget(revision);
         }
         for (revision, pods) in &table.revisions {
             self.ready_pods
@@ -226,5 +287,63 @@ impl Metrics {
         } else {
             0
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::routes::{Split, Table};
+    use super::*;
+
+    fn table(stable: &str, canary: Option<&str>) -> Table {
+        Table {
+            split: Split {
+                stable: Some(stable.into()),
+                canary: canary.map(Into::into),
+                weight: 10,
+                mirror: 0,
+            },
+            revisions: Default::default(),
+        }
+    }
+
+    fn exported(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn a_revision_no_longer_routed_drops_its_series_and_one_at_zero_keeps_them() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        for revision in ["old", "new"] {
+            m.answered(revision, 200, 0.01);
+            m.answered(revision, 503, 0.01);
+            m.retried(revision);
+            m.upstream_error(revision, "connect");
+            m.inflight(revision).set(1);
+            m.held(revision).set(1);
+            m.woke(revision, "scaled");
+            m.mirrored(revision, "compared");
+            m.agreed(revision, 0.99);
+        }
+        let before = table("old", Some("new"));
+        // Promoted: "new" is stable, with no ready pod (at zero), "old" is gone.
+        m.routes(&table("new", None), &before);
+        let text = exported(&registry);
+        assert!(!text.contains("revision=\"old\""), "{text}");
+        for metric in [
+            "kasmina_gateway_requests_total",
+            "kasmina_gateway_held_requests",
+            "kasmina_gateway_wakes_total",
+            "kasmina_gateway_output_agreement_count",
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(metric) && l.contains("revision=\"new\"")),
+                "{metric}: {text}"
+            );
+        }
     }
 }

@@ -32,6 +32,8 @@ pub struct Snapshot {
     /// A gateway's `kasmina_gateway_output_agreement` sum and count for the candidate.
     pub agreement_sum: f64,
     pub agreement_count: f64,
+    /// A gateway's requests held while a revision wakes (`kasmina_gateway_held_requests`).
+    pub held: f64,
 }
 
 /// The load gauges of DESIGN §4, as one pod exported them.

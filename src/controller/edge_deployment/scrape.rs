@@ -112,6 +112,27 @@ pub fn parse_agreement(text: &str, revision: &str) -> std::io::Result<Snapshot> 
     Ok(snap)
 }
 
+/// A gateway's traffic, all revisions summed: its answered requests
+/// (`kasmina_gateway_requests_total`, as `requests`), those in flight (`gauges.inflight`) and
+/// those held while a revision wakes (`held`). The autoscaler reads it to tell an idle target.
+pub fn parse_traffic(text: &str) -> std::io::Result<Snapshot> {
+    use prometheus_parse::{Scrape, Value};
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+    let mut snap = Snapshot::default();
+    for sample in &scrape.samples {
+        let (Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v)) = sample.value else {
+            continue;
+        };
+        match sample.metric.as_str() {
+            "kasmina_gateway_requests_total" => snap.requests += v,
+            "kasmina_gateway_inflight_requests" => add(&mut snap.gauges.inflight, v),
+            "kasmina_gateway_held_requests" => snap.held += v,
+            _ => {}
+        }
+    }
+    Ok(snap)
+}
+
 /// Adds `v` to a gauge that may not have been seen yet.
 fn add(gauge: &mut Option<f64>, v: f64) {
     *gauge = Some(gauge.unwrap_or(0.0) + v);
@@ -134,11 +155,13 @@ pub fn sum(snapshots: &[Snapshot]) -> Option<Snapshot> {
     Some(total)
 }
 
-/// How one exposition is read: a runtime's counters, or a gateway's for one revision.
+/// How one exposition is read: a runtime's counters, a gateway's agreement for one revision,
+/// or a gateway's traffic.
 #[derive(Clone, Debug)]
 pub enum Reading {
     Runtime,
     Agreement { revision: String },
+    Traffic,
 }
 
 impl Reading {
@@ -146,6 +169,7 @@ impl Reading {
         match self {
             Reading::Runtime => parse(text),
             Reading::Agreement { revision } => parse_agreement(text, revision),
+            Reading::Traffic => parse_traffic(text),
         }
     }
 }
@@ -297,5 +321,26 @@ kasmina_request_duration_seconds_bucket{le="+Inf",model="minilm",outcome="error"
         assert_eq!((s.requests, s.errors, s.load), (200.0, 20.0, 0.75));
         assert_eq!(s.buckets[2], (f64::INFINITY, 200.0));
         assert!(sum(&[]).is_none());
+    }
+
+    #[test]
+    fn reads_a_gateways_traffic_from_what_the_gateway_exports() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = crate::gateway::metrics::Metrics::new(&mut registry);
+        metrics.answered("r1", 200, 0.01);
+        metrics.answered("r1", 503, 0.01);
+        metrics.answered("r2", 200, 0.01);
+        metrics.inflight("r2").set(3);
+        metrics.held("r1").set(2);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+
+        let s = parse_traffic(&text).unwrap();
+        assert_eq!(
+            (s.requests, s.gauges.inflight, s.held),
+            (3.0, Some(3.0), 2.0)
+        );
+        let idle = parse_traffic("# EOF\n").unwrap();
+        assert_eq!((idle.requests, idle.held), (0.0, 0.0));
     }
 }

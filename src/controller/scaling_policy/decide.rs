@@ -17,18 +17,21 @@ use kube::ResourceExt;
 use super::collect::{Previous, Reading};
 use super::forecast;
 use super::hpa::{self, Rate, Recommendation, ScaleEvent, Seconds, Select};
+use super::idle::{self, Quiet, Verdict};
 use crate::api::condition::{self, Condition, ConditionStatus};
 use crate::api::scaling_policy::{
     MetricSpec, MetricType, MetricValue, RatePolicyType, ScaleRecord, ScalingRules, SelectPolicy,
 };
 use crate::api::{EdgeDeployment, ScalingPolicy, ScalingPolicySpec, ScalingPolicyStatus};
 use crate::controller::context::Notice;
-use crate::controller::edge_deployment::replicas::traffic_pods;
+use crate::controller::edge_deployment::replicas::{kasmina_gateway, traffic_pods};
 use crate::controller::status::condition as cond;
 
 pub const ABLE_TO_SCALE: &str = "AbleToScale";
 pub const SCALING_ACTIVE: &str = "ScalingActive";
 pub const SCALING_LIMITED: &str = "ScalingLimited";
+/// ScalingLimited's reason when `minReplicas: 0` cannot be honoured: a Warning Event too.
+pub const ZERO_NEEDS_GATEWAY: &str = "ZeroNeedsGateway";
 
 /// Decisions kept in `status.history`.
 pub const HISTORY_LIMIT: usize = 20;
@@ -75,6 +78,8 @@ pub struct Memory {
     /// When metrics were last collected, and for which generation of the spec.
     pub collected_at: Option<Seconds>,
     pub generation: Option<i64>,
+    /// The gateway's traffic, for going to zero.
+    pub quiet: Quiet,
 }
 
 /// What the reconciler should write, set and say.
@@ -150,8 +155,22 @@ pub fn decide(
         .metrics
         .iter()
         .any(|m| m.type_ == MetricType::Prometheus);
+    let gateway = kasmina_gateway(&ed.spec).is_some();
+    let zero = idle::verdict(
+        spec.min_replicas,
+        gateway,
+        spec.idle_window(),
+        &memory.quiet,
+        at,
+    );
     if current == 0 && !external {
-        let message = "the target has 0 replicas: autoscaling is off until it is scaled up (a Prometheus metric can scale it from zero)".to_owned();
+        let message = if gateway {
+            // Woken, the idle window starts again: the waking request is activity.
+            memory.quiet = idle::woken(&memory.quiet, at);
+            "the target has 0 replicas: the gateway wakes it at the next request, and autoscaling goes on from 1".to_owned()
+        } else {
+            "the target has 0 replicas: autoscaling is off until it is scaled up (a Prometheus metric can scale it from zero)".to_owned()
+        };
         out.able = Some(c(
             ABLE_TO_SCALE,
             ConditionStatus::True,
@@ -166,6 +185,18 @@ pub fn decide(
         ));
         return out.finish(status, memory);
     }
+
+    if let (Verdict::Idle { window }, true) = (&zero, current > 0) {
+        return to_zero(out, status, memory, current, *window, &c, now);
+    }
+    // Below one only when idle (above), at zero already, or when a Prometheus metric can wake
+    // a target without the gateway, as KEDA's scalers do.
+    let floor = match zero {
+        Verdict::NotAsked => spec.min_replicas,
+        _ if current == 0 => 0,
+        Verdict::NeedsGateway if external => 0,
+        _ => 1,
+    };
 
     // Proposals count traffic-taking pods; `replicas` turns pods back into spec.replicas.
     let pods_now = traffic_pods(ed, current);
@@ -476,7 +507,7 @@ pub fn decide(
         (&up.rates, up.select),
         (&down.rates, down.select),
     );
-    let to = limited.clamp(spec.min_replicas, spec.max_replicas);
+    let to = limited.clamp(floor, spec.max_replicas);
     let (limit_reason, limit_message) = if to != limited {
         if to == spec.max_replicas {
             (
@@ -486,6 +517,8 @@ pub fn decide(
                     spec.max_replicas
                 ),
             )
+        } else if to > spec.min_replicas {
+            held_above_zero(&zero, limited, spec)
         } else {
             (
                 "TooFewReplicas",
@@ -528,7 +561,7 @@ pub fn decide(
     let note = match limit_reason {
         "" => why.clone(),
         "TooManyReplicas" => format!("{why}, at maxReplicas"),
-        "TooFewReplicas" => format!("{why}, at minReplicas"),
+        "TooFewReplicas" | ZERO_NEEDS_GATEWAY | IDLE_WINDOW => format!("{why}, at minReplicas"),
         _ => format!("{why}, rate-limited"),
     };
     out.scale(status, memory, current, to, &note, now)
@@ -548,8 +581,9 @@ impl Outcome {
     fn finish(mut self, mut status: ScalingPolicyStatus, memory: Memory) -> Decision {
         for c in [self.able, self.active, self.limited].into_iter().flatten() {
             let warn =
-                !c.is_true() && c.reason != "ScalingDisabled" && !c.reason.starts_with("Backoff");
-            let limited = c.type_ == SCALING_LIMITED;
+                (!c.is_true() && c.reason != "ScalingDisabled" && !c.reason.starts_with("Backoff"))
+                    || c.reason == ZERO_NEEDS_GATEWAY;
+            let limited = c.type_ == SCALING_LIMITED && c.reason != ZERO_NEEDS_GATEWAY;
             let said = self.notices.iter().any(|n| n.reason == c.reason);
             if condition::upsert(&mut status.conditions, c.clone()) && warn && !limited && !said {
                 self.notices
@@ -590,6 +624,71 @@ impl Outcome {
         self.scale = Some(to);
         self.finish(status, memory)
     }
+}
+
+/// ScalingLimited's reason while a target that may go to zero is held at one.
+const IDLE_WINDOW: &str = "IdleWindow";
+
+/// Why a `minReplicas: 0` target is held at one replica.
+fn held_above_zero(
+    zero: &Verdict,
+    limited: i32,
+    spec: &ScalingPolicySpec,
+) -> (&'static str, String) {
+    let window = crate::api::duration::Duration::from_secs(spec.idle_window().as_secs());
+    match zero {
+        Verdict::NeedsGateway => (
+            ZERO_NEEDS_GATEWAY,
+            format!(
+                "{limited} recommended; held at 1: spec.minReplicas 0 needs the target's \
+                 spec.strategy.canary.trafficRouting.gateway, which holds requests while it \
+                 wakes (or a Prometheus metric to wake it)"
+            ),
+        ),
+        Verdict::Active { unreadable: true } => (
+            IDLE_WINDOW,
+            format!(
+                "{limited} recommended; held at 1: the gateway's metrics could not be read, so \
+                 the target is not known to be idle"
+            ),
+        ),
+        _ => (
+            IDLE_WINDOW,
+            format!(
+                "{limited} recommended; held at 1 until the gateway has seen no request for \
+                 spec.idleWindow ({window})"
+            ),
+        ),
+    }
+}
+
+/// The idle window has passed: to zero at once (the window is the stabilization), with a
+/// fresh memory for when the gateway wakes the target.
+fn to_zero(
+    mut out: Outcome,
+    mut status: ScalingPolicyStatus,
+    mut memory: Memory,
+    current: i32,
+    window: std::time::Duration,
+    c: &impl Fn(&str, ConditionStatus, &str, String) -> Condition,
+    now: Timestamp,
+) -> Decision {
+    let window = crate::api::duration::Duration::from_secs(window.as_secs());
+    let why = format!("no request through the gateway for {window}");
+    memory.recommendations.clear();
+    memory.demand.clear();
+    out.able = Some(ready_for_new_scale(c));
+    out.active = Some(c(
+        SCALING_ACTIVE,
+        ConditionStatus::True,
+        IDLE_WINDOW,
+        format!("{why}: the gateway wakes the target at the next request"),
+    ));
+    out.limited = Some(within_range(c));
+    status.current_metrics.clear();
+    status.cognitive_load = None;
+    status.desired_replicas = Some(0);
+    out.scale(status, memory, current, 0, &why, now)
 }
 
 fn ready_for_new_scale(c: &impl Fn(&str, ConditionStatus, &str, String) -> Condition) -> Condition {
@@ -1193,5 +1292,151 @@ mod tests {
             at(0),
         );
         assert_eq!(d.scale, Some(3));
+    }
+
+    fn behind_the_gateway(mut ed: EdgeDeployment) -> EdgeDeployment {
+        ed.spec.strategy = serde_json::from_value(json!({"type": "Canary",
+            "canary": {"steps": [{"setWeight": 50}], "trafficRouting": {"gateway": {}}}}))
+        .unwrap();
+        ed
+    }
+
+    /// The gateway's traffic as the reconciler folds it in: `requests` answered so far.
+    fn gateway_saw(l: &mut Loop, t: i64, requests: f64) {
+        let mut snapshot = crate::controller::edge_deployment::analysis::Snapshot {
+            requests,
+            ..Default::default()
+        };
+        snapshot.gauges.inflight = Some(0.0);
+        let pods = [crate::controller::edge_deployment::analysis::PodSnapshot {
+            pod: "g1".into(),
+            started: None,
+            snapshot,
+        }];
+        l.memory.quiet = idle::observe(&l.memory.quiet, Some(&pods), T0 + t);
+    }
+
+    #[test]
+    fn to_zero_only_after_the_gateways_idle_window_and_back_from_one_when_woken() {
+        let p = policy(json!({"minReplicas": 0, "idleWindow": "30s", "scrapeInterval": "5s"}));
+        let mut l = Loop::new(p, 1);
+        l.ed = behind_the_gateway(l.ed.clone());
+        // Requests until t = 20, each interval; the load itself is idle throughout.
+        for t in (0..=20).step_by(5) {
+            gateway_saw(&mut l, t, t as f64);
+            l.step(t, &load(l.ed.spec.replicas as usize, 0.0));
+        }
+        assert_eq!(l.ed.spec.replicas, 1, "an idle load holds one, not zero");
+        let limited = condition::find(
+            &l.policy.status.as_ref().unwrap().conditions,
+            SCALING_LIMITED,
+        )
+        .unwrap();
+        assert_eq!(limited.reason, IDLE_WINDOW);
+        assert!(
+            limited.message.contains("spec.idleWindow (30s)"),
+            "{}",
+            limited.message
+        );
+        // No request after t = 20: at zero when the window has passed, not before.
+        for t in (25..50).step_by(5) {
+            gateway_saw(&mut l, t, 20.0);
+            let d = l.step(t, &load(1, 0.0));
+            assert_eq!(d.scale, None, "t = {t}");
+        }
+        gateway_saw(&mut l, 50, 20.0);
+        let d = l.step(50, &load(1, 0.0));
+        assert_eq!(d.scale, Some(0));
+        assert_eq!(
+            d.status.history[0].reason,
+            "no request through the gateway for 30s: 1 → 0"
+        );
+        assert_eq!(
+            l.condition(SCALING_ACTIVE),
+            (ConditionStatus::True, IDLE_WINDOW.into())
+        );
+
+        // At zero the policy waits; the gateway wakes the target to one at t = 80.
+        gateway_saw(&mut l, 55, 20.0);
+        let d = l.step(55, &[]);
+        assert_eq!(d.scale, None);
+        l.ed.spec.replicas = 1;
+        // The waking request is answered by t = 85: a new window from there.
+        for t in (85..115).step_by(5) {
+            gateway_saw(&mut l, t, 21.0);
+            let d = l.step(t, &load(1, 0.0));
+            assert_eq!(
+                d.scale, None,
+                "t = {t}: woken, not put back to zero at once"
+            );
+        }
+        gateway_saw(&mut l, 115, 21.0);
+        assert_eq!(l.step(115, &load(1, 0.0)).scale, Some(0));
+    }
+
+    #[test]
+    fn min_zero_without_the_gateway_holds_one_and_warns_once() {
+        let p = policy(json!({"minReplicas": 0}));
+        let mut l = Loop::new(p, 1);
+        let d = l.step(0, &load(1, 0.0));
+        assert_eq!(d.scale, None);
+        let limited = condition::find(&d.status.conditions, SCALING_LIMITED).unwrap();
+        assert_eq!(limited.reason, ZERO_NEEDS_GATEWAY);
+        assert!(
+            limited.message.contains("trafficRouting.gateway"),
+            "{}",
+            limited.message
+        );
+        let warned = |d: &Decision| {
+            d.notices
+                .iter()
+                .filter(|n| n.reason == ZERO_NEEDS_GATEWAY)
+                .count()
+        };
+        assert_eq!(warned(&d), 1);
+        for t in [200, 400] {
+            let d = l.step(t, &load(1, 0.0));
+            assert_eq!(d.scale, None);
+            assert_eq!(warned(&d), 0, "one Warning, not one per interval");
+        }
+        assert_eq!(l.ed.spec.replicas, 1);
+
+        // With a Prometheus metric to wake it, zero is the user's call, as with KEDA.
+        let p = policy(json!({"minReplicas": 0, "metrics": [{"type": "Prometheus",
+            "query": "sum(rate(x[1m]))", "serverAddress": "http://prom:9090", "target": 10}]}));
+        let mut l = Loop::new(p, 1);
+        let idle = [Reading::Total {
+            value: 0.0,
+            target: 10.0,
+        }];
+        assert_eq!(l.step(0, &idle).scale, Some(0));
+    }
+
+    #[test]
+    fn an_unreadable_gateway_keeps_one_replica() {
+        let p = policy(json!({"minReplicas": 0, "idleWindow": "30s"}));
+        let mut l = Loop::new(p, 1);
+        l.ed = behind_the_gateway(l.ed.clone());
+        for t in (0..200).step_by(5) {
+            l.memory.quiet = idle::observe(&l.memory.quiet, None, T0 + t);
+            assert_eq!(l.step(t, &load(1, 0.0)).scale, None);
+        }
+        let limited = condition::find(
+            &l.policy.status.as_ref().unwrap().conditions,
+            SCALING_LIMITED,
+        )
+        .unwrap();
+        assert!(
+            limited.message.contains("could not be read"),
+            "{}",
+            limited.message
+        );
+    }
+
+    #[test]
+    fn an_idle_window_shorter_than_two_scrapes_is_refused() {
+        let p = policy(json!({"minReplicas": 0, "idleWindow": "8s", "scrapeInterval": "5s"}));
+        let errors = p.spec.validate().unwrap_err().to_string();
+        assert!(errors.contains("spec.idleWindow"), "{errors}");
     }
 }

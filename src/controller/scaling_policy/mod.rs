@@ -4,6 +4,7 @@ pub mod collect;
 pub mod decide;
 pub mod forecast;
 pub mod hpa;
+pub mod idle;
 pub mod reconcile;
 
 use std::sync::Arc;

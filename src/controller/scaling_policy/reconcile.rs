@@ -13,11 +13,16 @@ use kube::{Api, ResourceExt};
 
 use super::collect::{self, Collected, Reading};
 use super::decide::{Memory, decide};
+use super::idle;
 use crate::api::scaling_policy::MetricType;
 use crate::api::{EdgeDeployment, ScalingPolicy};
 use crate::controller::context::{Context, FIELD_MANAGER};
-use crate::controller::edge_deployment::names::{RUNTIME_PORT, runtime_selector};
-use crate::controller::edge_deployment::replicas::traffic_revisions;
+use crate::controller::edge_deployment::analysis::PodSnapshot;
+use crate::controller::edge_deployment::names::{
+    COMPONENT_LABEL, GATEWAY_COMPONENT, NAME_LABEL, RUNTIME_PORT, runtime_selector,
+};
+use crate::controller::edge_deployment::replicas::{kasmina_gateway, traffic_revisions};
+use crate::controller::edge_deployment::scrape;
 use crate::controller::scaffold::{self, Audited, ErrorKind};
 use crate::telemetry::error_chain;
 
@@ -173,6 +178,14 @@ pub async fn reconcile(
         }
         _ => vec![],
     };
+    // Going to zero is judged on the gateway's traffic.
+    if let (Some(ed), true) = (&target, valid)
+        && policy.spec.min_replicas == 0
+        && kasmina_gateway(&ed.spec).is_some()
+    {
+        let gateways = gateway_traffic(&ctx, ed).await?;
+        memory.quiet = idle::observe(&memory.quiet, gateways.as_deref(), at);
+    }
     memory.collected_at = Some(at);
     memory.generation = policy.metadata.generation;
 
@@ -217,6 +230,36 @@ pub async fn reconcile(
     scaffold::announce(base, policy.as_ref(), &decision.notices, audited).await;
     ctx.remember(key, Some(decision.memory));
     Ok(Action::requeue(Duration::from_secs(interval as u64)))
+}
+
+/// The traffic of the target's gateway pods (on the metrics port, where the runtime has its
+/// own); None when no gateway pod is ready or none answered.
+async fn gateway_traffic(
+    ctx: &ScalingContext,
+    ed: &EdgeDeployment,
+) -> Result<Option<Vec<PodSnapshot>>, Error> {
+    let namespace = ed.namespace().unwrap_or_default();
+    let selector = format!(
+        "{NAME_LABEL}={},{COMPONENT_LABEL}={GATEWAY_COMPONENT}",
+        ed.name_any()
+    );
+    let pods: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &namespace);
+    let pods = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|source| Error::ListPods {
+            namespace: namespace.clone(),
+            name: ed.name_any(),
+            source,
+        })?;
+    let endpoints = scrape::endpoints(&pods.items, ctx.metrics_port);
+    Ok(scrape::revision(
+        &ctx.http,
+        &endpoints,
+        ctx.timeout,
+        &scrape::Reading::Traffic,
+    )
+    .await)
 }
 
 /// This interval's readings: the traffic-taking pods scraped, resource metrics and Prometheus
