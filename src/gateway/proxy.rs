@@ -251,7 +251,8 @@ async fn attempts(
 ) -> Response {
     let pods = table.pods(revision);
     let mut failed_on: Option<Arc<Pod>> = None;
-    for attempt in 0..2 {
+    let mut attempt = 0;
+    loop {
         let Some(pod) = balancer::pick(
             pods,
             gateway.balancing,
@@ -297,10 +298,10 @@ async fn attempts(
                 }
                 gateway.metrics.retried(revision);
                 failed_on = Some(pod);
+                attempt += 1;
             }
         }
     }
-    json_error(StatusCode::BAD_GATEWAY, "no attempt answered")
 }
 
 fn json_length(headers: &HeaderMap) -> Option<usize> {

@@ -3,7 +3,7 @@
 //! every change rebuilds the routing table.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -19,7 +19,7 @@ use crate::api::EdgeDeployment;
 use crate::controller::edge_deployment::names::{REVISION_LABEL, RUNTIME_PORT, runtime_selector};
 use crate::controller::edge_deployment::replicas::kasmina_gateway;
 // A runtime pod as the controller caches it: status (IP, readiness) and labels are what is read.
-use crate::controller::edge_deployment::watch::slim_pod;
+use crate::controller::edge_deployment::watch::{routable, slim_pod};
 
 /// The split an EdgeDeployment's rollout status asks for, mirroring to the canary while its
 /// analysis judges the canary's answers.
@@ -40,24 +40,6 @@ pub fn split_of(ed: &EdgeDeployment) -> Split {
         weight: rollout.map_or(0, |r| r.weight.min(100)),
         mirror,
     }
-}
-
-/// Whether a pod takes requests: Ready, with an IP, and not terminating (a terminating pod
-/// drains what it holds, and new requests go elsewhere at once).
-pub fn routable(pod: &Pod) -> Option<IpAddr> {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return None;
-    }
-    let status = pod.status.as_ref()?;
-    let ready = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    if !ready {
-        return None;
-    }
-    status.pod_ip.as_deref()?.parse().ok()
 }
 
 /// Ready pods by revision, each by name and address, in name order.

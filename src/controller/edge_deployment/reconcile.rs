@@ -429,36 +429,25 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<EdgeContext>) -> Result
             let agreement = scrape::Reading::Agreement {
                 revision: candidate.to_owned(),
             };
-            let mut snapshots = vec![];
-            for (list, reading, port) in [
-                (
-                    Some(&candidate_pods),
-                    &scrape::Reading::Runtime,
-                    ctx.metrics_port,
-                ),
-                (
-                    stable_pods.as_ref(),
-                    &scrape::Reading::Runtime,
-                    ctx.metrics_port,
-                ),
-                (
-                    gateway_pods.as_ref(),
-                    &agreement,
-                    names::RUNTIME_PORT as u16,
-                ),
-            ] {
-                let Some(list) = list else {
-                    snapshots.push(None);
-                    continue;
-                };
-                let endpoints = scrape::endpoints(list, port);
-                snapshots
-                    .push(scrape::revision(&ctx.http, &endpoints, SCRAPE_TIMEOUT, reading).await);
-            }
+            let runtime = scrape::Reading::Runtime;
+            let (http, port) = (&ctx.http, ctx.metrics_port);
+            let candidate_scrape =
+                scrape::pods(http, &candidate_pods, port, SCRAPE_TIMEOUT, &runtime).await;
+            let stable_scrape = match &stable_pods {
+                Some(pods) => scrape::pods(http, pods, port, SCRAPE_TIMEOUT, &runtime).await,
+                None => None,
+            };
+            let gateway_port = names::RUNTIME_PORT as u16;
+            let gateway_scrape = match &gateway_pods {
+                Some(pods) => {
+                    scrape::pods(http, pods, gateway_port, SCRAPE_TIMEOUT, &agreement).await
+                }
+                None => None,
+            };
             let scrapes = analysis::Scrapes {
-                candidate: snapshots[0].as_deref(),
-                stable: snapshots[1].as_deref(),
-                gateways: snapshots[2].as_deref(),
+                candidate: candidate_scrape.as_deref(),
+                stable: stable_scrape.as_deref(),
+                gateways: gateway_scrape.as_deref(),
             };
             seen.analysis = Some(analysis::measure(
                 spec,

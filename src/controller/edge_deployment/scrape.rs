@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use super::analysis::{PodSnapshot, Snapshot, add_bucket};
+use super::watch::routable;
 
 /// Scrapes of one revision in flight at once: a revision of hundreds of pods neither opens
 /// hundreds of connections from the operator nor waits on them one by one.
@@ -217,31 +218,29 @@ pub struct Endpoint {
     pub url: String,
 }
 
-/// The metrics endpoint of each running, ready pod.
+/// The metrics endpoint of each pod that takes requests (`watch::routable`).
 pub fn endpoints(pods: &[Pod], port: u16) -> Vec<Endpoint> {
     pods.iter()
-        .filter(|p| {
-            let status = p.status.as_ref();
-            let ready = status
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            ready && p.metadata.deletion_timestamp.is_none()
-        })
         .filter_map(|p| {
-            let status = p.status.as_ref()?;
-            let ip = status.pod_ip.clone()?;
-            let host = if ip.contains(':') {
-                format!("[{ip}]")
-            } else {
-                ip
-            };
+            let ip = routable(p)?;
             Some(Endpoint {
                 pod: p.name_any(),
-                started: status.start_time.as_ref().map(|t| t.0),
-                url: format!("http://{host}:{port}/metrics"),
+                started: p.status.as_ref()?.start_time.as_ref().map(|t| t.0),
+                url: format!("http://{}/metrics", std::net::SocketAddr::new(ip, port)),
             })
         })
         .collect()
+}
+
+/// Scrapes the metrics port of each of `pods` that takes requests; None when none answered.
+pub async fn pods(
+    http: &reqwest::Client,
+    pods: &[Pod],
+    port: u16,
+    timeout: Duration,
+    reading: &Reading,
+) -> Option<Vec<PodSnapshot>> {
+    revision(http, &endpoints(pods, port), timeout, reading).await
 }
 
 /// Scrapes every endpoint, at most `MAX_CONCURRENT_SCRAPES` at once; None when none answered.

@@ -111,6 +111,24 @@ pub fn slim_pod(pod: &mut Pod) {
     pod.spec = None;
 }
 
+/// Whether a pod takes requests: Ready, with an IP, and not terminating (a terminating pod
+/// drains what it holds, and new requests go elsewhere at once).
+pub fn routable(pod: &Pod) -> Option<std::net::IpAddr> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    if !ready {
+        return None;
+    }
+    status.pod_ip.as_deref()?.parse().ok()
+}
+
 /// The runtime pods of one revision of EdgeDeployment `name` in `ns`.
 pub fn revision_pods(pods: &Store<Pod>, ns: &str, name: &str, revision: &str) -> Vec<Pod> {
     labelled(

@@ -252,12 +252,13 @@ async fn gateway_traffic(
             name: ed.name_any(),
             source,
         })?;
-    let endpoints = scrape::endpoints(&pods.items, ctx.metrics_port);
-    Ok(scrape::revision(
+    let traffic = scrape::Reading::Traffic;
+    Ok(scrape::pods(
         &ctx.http,
-        &endpoints,
+        &pods.items,
+        ctx.metrics_port,
         ctx.timeout,
-        &scrape::Reading::Traffic,
+        &traffic,
     )
     .await)
 }
