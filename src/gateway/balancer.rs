@@ -1,7 +1,7 @@
 //! Pure: which ready pod of a revision takes a request. Power of two choices: of two pods
-//! drawn at random, the one whose next answer looks soonest, latency × (work + 1) / capacity
-//! (see `PodLoad`); it avoids a busy or slower pod without herding every request onto the one
-//! that looked idlest last.
+//! drawn at random, the one whose next answer looks soonest — its service time × how many
+//! turns the request waits, max(1, (work + 1) / capacity) (see `PodLoad`); it avoids a busy
+//! or slower pod without herding every request onto the one that looked idlest last.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +36,7 @@ pub fn pick(
             let second = (first + 1 + random(n - 1)) % n;
             let (a, b) = (candidates[first], candidates[second]);
             if cost(a, b, now) <= cost(b, a, now) {
+                // Ties (both have a free worker, as fast): the one with fewer turns held.
                 a
             } else {
                 b
@@ -45,9 +46,12 @@ pub fn pick(
     Some(pod.clone())
 }
 
-/// The expected wait at `pod`: its latency estimate × (work + 1) / capacity. What a pod has
-/// not measured yet (no answer, no load report) is taken to be as `other`'s.
-fn cost(pod: &Pod, other: &Pod, now: Instant) -> f64 {
+/// The expected wait at `pod`, then the turns it holds: its service-time estimate ×
+/// max(1, (work + 1) / capacity) — with a free worker a request takes one service time,
+/// else it waits its turns. The estimate leaves queueing out (`PodLoad::served`): counting
+/// it again through the work would make a busy fast pod look slower than an idle slow one.
+/// What a pod has not measured yet (no answer, no load report) is taken to be as `other`'s.
+fn cost(pod: &Pod, other: &Pod, now: Instant) -> (f64, f64) {
     let (work, capacity) = pod.load.work(now);
     let capacity = if pod.load.reported() {
         capacity
@@ -59,7 +63,8 @@ fn cost(pod: &Pod, other: &Pod, now: Instant) -> f64 {
         (0.0, theirs) => theirs,
         (ours, _) => ours,
     };
-    latency * (work + 1) as f64 / capacity as f64
+    let turns = (work + 1) as f64 / capacity as f64;
+    (latency * turns.max(1.0), turns)
 }
 
 /// A fast random index for the balancer: std's per-thread random keys hashed with a counter.
@@ -148,6 +153,31 @@ mod tests {
         assert_eq!(choose(0), "p1", "1 ms x 6 still beats 10 ms x 1");
         let _busier: Vec<_> = (0..6).map(|_| pods[1].load.start()).collect();
         assert_eq!(choose(1), "p0", "1 ms x 12 does not");
+    }
+
+    #[test]
+    fn a_busy_fast_pod_is_not_mistaken_for_a_slow_one() {
+        let pods = pods(2);
+        let now = Instant::now();
+        // Both runtimes serve 2 at once. The fast one answered in 40 ms after waiting behind
+        // 7 others (10 ms of service); the slow one in 40 ms alone.
+        pods[0].load.report("0/2", now);
+        pods[1].load.report("0/2", now);
+        pods[0]
+            .load
+            .served(std::time::Duration::from_millis(40), 8, now);
+        pods[1]
+            .load
+            .served(std::time::Duration::from_millis(40), 1, now);
+        let choose = |first: usize| drawn(&pods, [first, 0], now);
+        // Idle, both would answer at once: the one that serves faster.
+        assert_eq!(choose(1), "p0");
+        // With 5 held, the fast one answers in 3 turns of 10 ms: still sooner than 40 ms.
+        let _busy: Vec<_> = (0..5).map(|_| pods[0].load.start()).collect();
+        assert_eq!(choose(1), "p0");
+        // With 8 held (4.5 turns, 45 ms), the slow one answers sooner.
+        let _busier: Vec<_> = (0..3).map(|_| pods[0].load.start()).collect();
+        assert_eq!(choose(0), "p1");
     }
 
     #[test]

@@ -440,6 +440,7 @@ async fn send(
     upstream.headers_mut().remove(header::HOST);
     let outstanding = pod.load.start();
     let sent = Instant::now();
+    let work = pod.load.work(sent).0;
     let answer = tokio::time::timeout(
         gateway.limits.upstream_timeout,
         gateway.client.request(upstream),
@@ -456,7 +457,7 @@ async fn send(
     };
     let (mut head, incoming) = answer.into_parts();
     let now = Instant::now();
-    pod.load.answered(now - sent, now);
+    pod.load.served(now - sent, work, now);
     if let Some(load) = head.headers.get(LOAD_HEADER).and_then(|v| v.to_str().ok()) {
         pod.load.report(load, now);
     }

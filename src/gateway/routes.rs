@@ -47,8 +47,9 @@ pub struct PodLoad {
     capacity: AtomicU32,
     /// Microseconds since `epoch()` when `reported` was set; 0: never.
     reported_at: AtomicU64,
-    /// Peak EWMA of the time to an answer's headers, in µs (f64 bits), as linkerd and
-    /// Finagle weigh a power-of-two choice: a rise counts at once, a fall gradually.
+    /// Peak EWMA of the service time — an answer's time to headers, less the turns it waited
+    /// (`served`) — in µs (f64 bits), as linkerd and Finagle weigh a power-of-two choice: a
+    /// rise counts at once, a fall gradually.
     latency: AtomicU64,
     /// Microseconds since `epoch()` of the last answer; 0: none yet.
     answered_at: AtomicU64,
@@ -97,9 +98,18 @@ impl PodLoad {
             .store(micros_since_epoch(now), Ordering::Relaxed);
     }
 
-    /// Records the time one answer took.
+    /// Records the time an attempt took that got no answer (it counts whole).
     pub fn answered(&self, took: Duration, now: Instant) {
-        let sample = took.as_secs_f64() * 1e6;
+        self.served(took, 1, now);
+    }
+
+    /// Records the time one answer took, sent when the pod held `work` requests (this one
+    /// included): the estimate is of the service time, so a request that waited turns behind
+    /// others counts `capacity / work` of its time.
+    pub fn served(&self, took: Duration, work: u64, now: Instant) {
+        let capacity = u64::from(self.capacity.load(Ordering::Relaxed).max(1));
+        let share = (capacity as f64 / work.max(1) as f64).min(1.0);
+        let sample = took.as_secs_f64() * 1e6 * share;
         let current = self.latency_us(now);
         let next = if current == 0.0 || sample > current {
             sample
