@@ -552,6 +552,22 @@ fn scaling_policy(metrics: Value) -> ScalingPolicy {
     .unwrap()
 }
 
+/// Takes the next request: a PATCH of the target's scale subresource, answered `to` / `from`.
+async fn expect_scale(server: &mut ApiServer, to: i32, from: i32) -> (String, Value) {
+    server
+        .expect(
+            Method::PATCH,
+            &format!("{ED_PATH}/scale"),
+            StatusCode::OK,
+            |_| {
+                json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                       "metadata": {"name": "sentiment", "namespace": "ml"},
+                       "spec": {"replicas": to}, "status": {"replicas": from}})
+            },
+        )
+        .await
+}
+
 const ED_PATH: &str = "/apis/kasmina.dev/v1alpha1/namespaces/ml/edgedeployments/sentiment";
 const SP_STATUS: &str = "/apis/kasmina.dev/v1alpha1/namespaces/ml/scalingpolicies/sentiment/status";
 
@@ -592,18 +608,7 @@ async fn scaling_policy_scrapes_the_pods_and_scales_through_the_scale_subresourc
         "{query}"
     );
     // ceil(2 × mean(0.90, 0.96) / 0.70) = ceil(2.66) = 3, through the scale subresource.
-    let (query, scale) = server
-        .expect(
-            Method::PATCH,
-            &format!("{ED_PATH}/scale"),
-            StatusCode::OK,
-            |_| {
-                json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
-                   "metadata": {"name": "sentiment", "namespace": "ml"},
-                   "spec": {"replicas": 3}, "status": {"replicas": 2}})
-            },
-        )
-        .await;
+    let (query, scale) = expect_scale(&mut server, 3, 2).await;
     assert_eq!(scale, json!({"spec": {"replicas": 3}}));
     assert!(query.contains("fieldManager=kasmina"), "{query}");
     let (_, patch) = server
@@ -713,6 +718,20 @@ async fn scaling_policy_holds_replicas_when_prometheus_is_unreachable() {
     server.assert_idle();
 }
 
+/// Takes the next request: a LIST of pods in ml, answered with `pod`; returns its query.
+async fn expect_pods(server: &mut ApiServer, pod: Value) -> String {
+    let list = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod]});
+    let (query, _) = server
+        .expect(
+            Method::GET,
+            "/api/v1/namespaces/ml/pods",
+            StatusCode::OK,
+            |_| list,
+        )
+        .await;
+    query
+}
+
 /// The gateway pod of EdgeDeployment sentiment on `ip`.
 fn gateway_pod(ip: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
@@ -761,45 +780,14 @@ async fn scaling_policy_goes_to_zero_on_the_gateways_idle_window_only() {
         server
             .expect(Method::GET, ED_PATH, StatusCode::OK, |_| ed.clone())
             .await;
-        server
-            .expect(
-                Method::GET,
-                "/api/v1/namespaces/ml/pods",
-                StatusCode::OK,
-                |_| {
-                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
-                       "items": [runtime_pod("sentiment-a", "127.0.0.1")]})
-                },
-            )
-            .await;
-        let (query, _) = server
-            .expect(
-                Method::GET,
-                "/api/v1/namespaces/ml/pods",
-                StatusCode::OK,
-                |_| {
-                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
-                       "items": [gateway_pod("127.0.0.3")]})
-                },
-            )
-            .await;
+        expect_pods(&mut server, runtime_pod("sentiment-a", "127.0.0.1")).await;
+        let query = expect_pods(&mut server, gateway_pod("127.0.0.3")).await;
         assert!(
             query.contains("app.kubernetes.io%2Fcomponent%3Dgateway"),
             "{query}"
         );
         if scaled {
-            let (_, scale) = server
-                .expect(
-                    Method::PATCH,
-                    &format!("{ED_PATH}/scale"),
-                    StatusCode::OK,
-                    |_| {
-                        json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
-                               "metadata": {"name": "sentiment", "namespace": "ml"},
-                               "spec": {"replicas": 0}, "status": {"replicas": 1}})
-                    },
-                )
-                .await;
+            let (_, scale) = expect_scale(&mut server, 0, 1).await;
             assert_eq!(scale, json!({"spec": {"replicas": 0}}), "t = {t}");
         }
         if t == 5 {

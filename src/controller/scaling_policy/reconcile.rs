@@ -238,29 +238,32 @@ async fn gateway_traffic(
     ctx: &ScalingContext,
     ed: &EdgeDeployment,
 ) -> Result<Option<Vec<PodSnapshot>>, Error> {
-    let namespace = ed.namespace().unwrap_or_default();
     let selector = format!(
         "{NAME_LABEL}={},{COMPONENT_LABEL}={GATEWAY_COMPONENT}",
         ed.name_any()
     );
+    let pods = list_pods(ctx, ed, &selector).await?;
+    let traffic = scrape::Reading::Traffic;
+    Ok(scrape::pods(&ctx.http, &pods, ctx.metrics_port, ctx.timeout, &traffic).await)
+}
+
+/// The pods of the target matching `selector`.
+async fn list_pods(
+    ctx: &ScalingContext,
+    ed: &EdgeDeployment,
+    selector: &str,
+) -> Result<Vec<Pod>, Error> {
+    let namespace = ed.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &namespace);
-    let pods = pods
-        .list(&ListParams::default().labels(&selector))
+    let list = pods
+        .list(&ListParams::default().labels(selector))
         .await
         .map_err(|source| Error::ListPods {
-            namespace: namespace.clone(),
+            namespace,
             name: ed.name_any(),
             source,
         })?;
-    let traffic = scrape::Reading::Traffic;
-    Ok(scrape::pods(
-        &ctx.http,
-        &pods.items,
-        ctx.metrics_port,
-        ctx.timeout,
-        &traffic,
-    )
-    .await)
+    Ok(list.items)
 }
 
 /// This interval's readings: the traffic-taking pods scraped, resource metrics and Prometheus
@@ -284,16 +287,8 @@ async fn collect(
         MetricType::Cpu,
         MetricType::Memory,
     ]) {
-        let pods: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &namespace);
-        let pods = pods
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(|source| Error::ListPods {
-                namespace: namespace.clone(),
-                name: ed.name_any(),
-                source,
-            })?;
-        let targets = collect::targets(&pods.items, &traffic_revisions(ed), ctx.metrics_port);
+        let pods = list_pods(ctx, ed, &selector).await?;
+        let targets = collect::targets(&pods, &traffic_revisions(ed), ctx.metrics_port);
         let mut scraped =
             collect::scrape_pods(&ctx.http, &targets, ctx.concurrency, ctx.timeout).await;
         collected.pods = targets
