@@ -99,14 +99,12 @@ fn default_scrape_interval() -> Duration {
 }
 
 /// The idle window when `idleWindow` is not set (KEDA's default cooldown).
-pub const DEFAULT_IDLE_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+pub const DEFAULT_IDLE_WINDOW: Duration = Duration::from_secs(300);
 
 impl ScalingPolicySpec {
     /// How long the target must be idle before it goes to zero.
-    pub fn idle_window(&self) -> std::time::Duration {
-        self.idle_window
-            .as_ref()
-            .map_or(DEFAULT_IDLE_WINDOW, Duration::as_std)
+    pub fn idle_window(&self) -> Duration {
+        self.idle_window.unwrap_or(DEFAULT_IDLE_WINDOW)
     }
 }
 

@@ -94,22 +94,17 @@ pub fn parse(text: &str) -> std::io::Result<Snapshot> {
 /// A gateway's agreement counters for the candidate `revision` (the sum and count of its
 /// `kasmina_gateway_output_agreement` histogram), in one exposition.
 pub fn parse_agreement(text: &str, revision: &str) -> std::io::Result<Snapshot> {
-    use prometheus_parse::{Scrape, Value};
-    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
     let mut snap = Snapshot::default();
-    for sample in &scrape.samples {
+    each_scalar(text, |sample, v| {
         if sample.labels.get("revision") != Some(revision) {
-            continue;
+            return;
         }
-        let (Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v)) = sample.value else {
-            continue;
-        };
         match sample.metric.as_str() {
             "kasmina_gateway_output_agreement_sum" => snap.agreement_sum += v,
             "kasmina_gateway_output_agreement_count" => snap.agreement_count += v,
             _ => {}
         }
-    }
+    })?;
     Ok(snap)
 }
 
@@ -117,21 +112,29 @@ pub fn parse_agreement(text: &str, revision: &str) -> std::io::Result<Snapshot> 
 /// (`kasmina_gateway_requests_total`, as `requests`), those in flight (`gauges.inflight`) and
 /// those held while a revision wakes (`held`). The autoscaler reads it to tell an idle target.
 pub fn parse_traffic(text: &str) -> std::io::Result<Snapshot> {
+    let mut snap = Snapshot::default();
+    each_scalar(text, |sample, v| match sample.metric.as_str() {
+        "kasmina_gateway_requests_total" => snap.requests += v,
+        "kasmina_gateway_inflight_requests" => add(&mut snap.gauges.inflight, v),
+        "kasmina_gateway_held_requests" => snap.held += v,
+        _ => {}
+    })?;
+    Ok(snap)
+}
+
+/// Calls `f` with each counter, gauge or untyped sample of one exposition, and its value.
+fn each_scalar(
+    text: &str,
+    mut f: impl FnMut(&prometheus_parse::Sample, f64),
+) -> std::io::Result<()> {
     use prometheus_parse::{Scrape, Value};
     let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
-    let mut snap = Snapshot::default();
     for sample in &scrape.samples {
-        let (Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v)) = sample.value else {
-            continue;
-        };
-        match sample.metric.as_str() {
-            "kasmina_gateway_requests_total" => snap.requests += v,
-            "kasmina_gateway_inflight_requests" => add(&mut snap.gauges.inflight, v),
-            "kasmina_gateway_held_requests" => snap.held += v,
-            _ => {}
+        if let Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) = sample.value {
+            f(sample, v);
         }
     }
-    Ok(snap)
+    Ok(())
 }
 
 /// Adds `v` to a gauge that may not have been seen yet.

@@ -159,7 +159,7 @@ pub fn decide(
     let zero = idle::verdict(
         spec.min_replicas,
         gateway,
-        spec.idle_window(),
+        spec.idle_window().as_std(),
         &memory.quiet,
         at,
     );
@@ -186,8 +186,8 @@ pub fn decide(
         return out.finish(status, memory);
     }
 
-    if let (Verdict::Idle { window }, true) = (&zero, current > 0) {
-        return to_zero(out, status, memory, current, *window, &c, now);
+    if zero == Verdict::Idle && current > 0 {
+        return to_zero(out, status, memory, current, spec.idle_window(), &c, now);
     }
     // Below one only when idle (above), at zero already, or when a Prometheus metric can wake
     // a target without the gateway, as KEDA's scalers do.
@@ -635,7 +635,7 @@ fn held_above_zero(
     limited: i32,
     spec: &ScalingPolicySpec,
 ) -> (&'static str, String) {
-    let window = crate::api::duration::Duration::from_secs(spec.idle_window().as_secs());
+    let window = spec.idle_window();
     match zero {
         Verdict::NeedsGateway => (
             ZERO_NEEDS_GATEWAY,
@@ -669,11 +669,10 @@ fn to_zero(
     mut status: ScalingPolicyStatus,
     mut memory: Memory,
     current: i32,
-    window: std::time::Duration,
+    window: crate::api::duration::Duration,
     c: &impl Fn(&str, ConditionStatus, &str, String) -> Condition,
     now: Timestamp,
 ) -> Decision {
-    let window = crate::api::duration::Duration::from_secs(window.as_secs());
     let why = format!("no request through the gateway for {window}");
     memory.recommendations.clear();
     memory.demand.clear();

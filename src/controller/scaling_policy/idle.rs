@@ -22,10 +22,11 @@ pub struct Quiet {
     pub unreadable: bool,
 }
 
-/// Folds this interval's scrape of the gateway pods (None: no gateway pod answered) into what
-/// was remembered.
+/// Folds this interval's scrape of the gateway pods (None or empty: no gateway pod answered)
+/// into what was remembered.
 pub fn observe(quiet: &Quiet, gateways: Option<&[PodSnapshot]>, at: Seconds) -> Quiet {
-    let Some(gateways) = gateways else {
+    // No gateway pod is no evidence either way.
+    let Some(gateways) = gateways.filter(|g| !g.is_empty()) else {
         return Quiet {
             since: Some(at),
             requests: BTreeMap::new(),
@@ -62,7 +63,7 @@ pub enum Verdict {
     /// Activity within the window (or a gateway that could not be read): held at one.
     Active { unreadable: bool },
     /// No request for the whole window.
-    Idle { window: Duration },
+    Idle,
 }
 
 /// The verdict for a policy with `min_replicas`, whose target routes through the gateway or
@@ -82,7 +83,7 @@ pub fn verdict(
     }
     match quiet.since {
         Some(since) if !quiet.unreadable && at - since >= window.as_secs() as Seconds => {
-            Verdict::Idle { window }
+            Verdict::Idle
         }
         _ => Verdict::Active {
             unreadable: quiet.unreadable,
@@ -136,7 +137,7 @@ mod tests {
         let same = Some(vec![gateway("g1", 7.0, 0.0, 0.0)]);
         // t = 0 is the first look (activity cannot be ruled out); 30 s later, idle.
         let looks = vec![same.clone(); 4];
-        assert_eq!(after(&looks), Verdict::Idle { window: WINDOW });
+        assert_eq!(after(&looks), Verdict::Idle);
         let active = Verdict::Active { unreadable: false };
         assert_eq!(after(&looks[..3]), active, "20 s is not the window");
     }
@@ -159,7 +160,7 @@ mod tests {
         let mut looks = vec![quiet, answered.clone(), answered.clone(), answered.clone()];
         assert_eq!(after(&looks), active);
         looks.push(answered);
-        assert_eq!(after(&looks), Verdict::Idle { window: WINDOW });
+        assert_eq!(after(&looks), Verdict::Idle);
     }
 
     #[test]
@@ -169,6 +170,8 @@ mod tests {
         looks[3] = None;
         assert_eq!(after(&looks), Verdict::Active { unreadable: false });
         looks[5] = None;
+        assert_eq!(after(&looks), Verdict::Active { unreadable: true });
+        looks[5] = Some(vec![]);
         assert_eq!(after(&looks), Verdict::Active { unreadable: true });
 
         // A second gateway pod appears with its own count: its past is unknown.
@@ -182,7 +185,7 @@ mod tests {
         // A gateway pod going away is not activity.
         let two = looks[4].clone();
         let looks = vec![two.clone(), two, quiet.clone(), quiet.clone(), quiet];
-        assert_eq!(after(&looks), Verdict::Idle { window: WINDOW });
+        assert_eq!(after(&looks), Verdict::Idle);
     }
 
     #[test]
@@ -196,18 +199,12 @@ mod tests {
             verdict(0, false, WINDOW, &quiet, 100),
             Verdict::NeedsGateway
         );
-        assert_eq!(
-            verdict(0, true, WINDOW, &quiet, 100),
-            Verdict::Idle { window: WINDOW }
-        );
+        assert_eq!(verdict(0, true, WINDOW, &quiet, 100), Verdict::Idle);
         let woke = woken(&quiet, 100);
         assert_eq!(
             verdict(0, true, WINDOW, &woke, 129),
             Verdict::Active { unreadable: false }
         );
-        assert_eq!(
-            verdict(0, true, WINDOW, &woke, 130),
-            Verdict::Idle { window: WINDOW }
-        );
+        assert_eq!(verdict(0, true, WINDOW, &woke, 130), Verdict::Idle);
     }
 }
